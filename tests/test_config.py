@@ -1,0 +1,135 @@
+"""Recipes: loading, refusing bad keys and types, overrides, and the resolved copy written back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vsotools.config import Recipe, load_recipe, recipe_to_toml, write_recipe
+from vsotools.errors import ConfigError
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+def test_paper_recipes_hold_the_paper_settings():
+    vso = load_recipe(PIPELINES / "vso.toml")
+    mvso = load_recipe(PIPELINES / "mvso-en.toml")
+    for recipe in (vso, mvso):
+        assert (recipe.filter.min_words, recipe.filter.max_words) == (5, 150)
+        assert recipe.filter.test_fraction == 0.2
+        assert recipe.filter.text_fields == ["description"]
+        assert recipe.shard.image_size == 256
+        t = recipe.train
+        assert (t.batch_size, t.lr, t.lr_decay, t.lr_decay_steps) == (100, 1e-4, 0.96, 3000)
+        assert (t.word_dim, t.max_words, t.filter_widths, t.crop_size) == (200, 150, [3, 4, 5], 224)
+    assert (vso.anps.pos_threshold, vso.anps.neg_threshold) == (0.0, 0.0)
+    assert (mvso.anps.pos_threshold, mvso.anps.neg_threshold) == (0.16, -0.1)
+
+
+def test_every_recipe_in_pipelines_loads():
+    recipes = sorted(PIPELINES.glob("*.toml"))
+    assert recipes
+    for path in recipes:
+        assert load_recipe(path).name == path.stem
+
+
+def test_defaults_equal_the_vso_recipe_except_paths():
+    vso = load_recipe(PIPELINES / "vso.toml")
+    assert vso.override({"anps.manifest": ""}) == Recipe()
+
+
+def test_paths_are_relative_to_the_recipe_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "r.toml"
+    path.write_text('[anps]\nmanifest = "../m.csv"\n')
+    assert load_recipe(path).anps.manifest == str(tmp_path / "m.csv")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[filter]\nmin_word = 5\n", "filter.min_word: unknown key"),
+        ("[filtr]\nmin_words = 5\n", "filtr: unknown key"),
+        ("colour = 1\n", "colour: unknown key"),
+        ('[filter]\nmin_words = "5"\n', "filter.min_words: expected an integer, got a string"),
+        ("[filter]\nmin_words = 5.5\n", "filter.min_words: expected an integer, got a number"),
+        ("[filter]\ndedup_images = 1\n", "filter.dedup_images: expected true or false"),
+        ("[train]\nlr = true\n", "train.lr: expected a number"),
+        ('[train]\nfilter_widths = [3, "4"]\n', "train.filter_widths[1]: expected an integer"),
+        ("[train]\nfilter_widths = 3\n", "train.filter_widths: expected an array"),
+        ('[filter]\ngroup_by = "user"\n', "filter.group_by: expected one of ['photo', 'owner']"),
+        ("filter = 3\n", "filter: expected a table"),
+        ("[filter]\nmin_words = 10\nmax_words = 5\n", "filter.max_words: must be at least"),
+        ("[filter]\ntest_fraction = 1.5\n", "filter.test_fraction: must be in (0, 1)"),
+        ("[filter\n", "not valid TOML"),
+    ],
+)
+def test_bad_recipes_are_refused_with_the_key_name(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_integers_are_accepted_for_numbers(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text("[train]\nlr = 1\n")
+    lr = load_recipe(path).train.lr
+    assert lr == 1.0 and isinstance(lr, float)
+
+
+def test_overrides_are_typed_and_validated():
+    recipe = Recipe().override_strings(
+        ["filter.min_words=3", "filter.text_fields=title,description", "fetch.licenses=1,2,4"]
+    )
+    assert recipe.filter.min_words == 3
+    assert recipe.filter.text_fields == ["title", "description"]
+    assert recipe.fetch.licenses == [1, 2, 4]
+    assert Recipe().filter.min_words == 5, "overrides return a copy"
+    with pytest.raises(ConfigError, match=r"filter\.min_words: cannot read 'five' as an integer"):
+        Recipe().override_strings(["filter.min_words=five"])
+    with pytest.raises(ConfigError, match=r"filter\.dedup_images: cannot read 'yes'"):
+        Recipe().override_strings(["filter.dedup_images=yes"])
+    with pytest.raises(ConfigError, match=r"expected section\.key=value"):
+        Recipe().override_strings(["filter.min_words"])
+    with pytest.raises(ConfigError, match=r"train\.nope: unknown key"):
+        Recipe().override({"train.nope": 1})
+
+
+def test_override_paths_are_relative_to_the_given_folder(tmp_path):
+    recipe = Recipe().override({"anps.manifest": "m.csv"}, base_dir=tmp_path)
+    assert recipe.anps.manifest == str(tmp_path / "m.csv")
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = load_recipe(PIPELINES / "mvso-en.toml").override_strings(
+        ['fetch.api_url=http://127.0.0.1:1/"quoted"\\path', "train.lr=3e-5"]
+    )
+    write_recipe(recipe, tmp_path / "resolved.toml")
+    assert load_recipe(tmp_path / "resolved.toml") == recipe
+    assert recipe_to_toml(recipe).startswith('name = "mvso-en"\n')
+
+
+def test_cli_flags_override_set_which_overrides_the_file(cli, tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("anp,adjective,noun,sentiment\na_b,a,b,0.5\nc_d,c,d,-0.5\n")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[anps]\npos_threshold = 1.0\nneg_threshold = -1.0\n")
+    args = ["anps", "stats", manifest, "--recipe", recipe, "--json"]
+    assert '"dropped": 2' in cli(*args).out
+    assert '"positive": 1' in cli(*args, "--set", "anps.pos_threshold=0.1").out
+    result = cli(*args, "--set", "anps.pos_threshold=0.1", "--pos-threshold", "0.9")
+    assert '"positive": 0' in result.out
+
+
+def test_cli_reports_recipe_errors_in_one_line(cli, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[anps]\npos_treshold = 1.0\n")
+    result = cli("anps", "stats", tmp_path / "m.csv", "--recipe", recipe)
+    assert result.code == 1
+    assert result.err == f"vsotools: error: {recipe}: anps.pos_treshold: unknown key" + (
+        " (known here: manifest, pos_threshold, neg_threshold)\n"
+    )

@@ -1,0 +1,3 @@
+from vsotools.cli import main
+
+raise SystemExit(main())

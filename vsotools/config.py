@@ -1,0 +1,414 @@
+"""Dataset recipes: typed configuration loaded from ``pipelines/*.toml``.
+
+A recipe names every rule parameter of a dataset in one place. It has one table per stage
+(``[anps]``, ``[fetch]``, ``[filter]``, ``[shard]``, ``[train]``), each loaded into the dataclass of
+that stage below, whose defaults are the paper's settings for VSO. Loading refuses an unknown key or
+a value of the wrong type with the key's dotted name. Command-line flags override the file through
+``Recipe.override``; the resolved recipe is written beside each stage's output with ``write_recipe``
+and can be fed back with ``--recipe``.
+
+Paths in a recipe file are relative to the file's folder; paths given on the command line are
+relative to the current directory. Both are stored absolute once resolved.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from vsotools.atomic import atomic_write_text
+from vsotools.errors import ConfigError
+
+PATH = {"path": True}
+"""Field metadata marking a string field as a filesystem path (resolved against a base folder)."""
+
+
+def _path(default: str = "") -> Any:
+    return field(default=default, metadata=PATH)
+
+
+@dataclass
+class AnpsConfig:
+    """The ANP manifest and the labelling rule (see ``vsotools.anps.label_for_score``)."""
+
+    manifest: str = _path()
+    """Manifest CSV (``anp,adjective,noun,sentiment``); empty for datasets with given labels."""
+    pos_threshold: float = 0.0
+    """An ANP is positive when its score is strictly greater than this."""
+    neg_threshold: float = 0.0
+    """An ANP is negative when its score is strictly less than this."""
+
+    def validate(self) -> None:
+        _check(
+            self.neg_threshold <= self.pos_threshold,
+            "anps.neg_threshold",
+            f"must not exceed anps.pos_threshold ({self.neg_threshold} > {self.pos_threshold})",
+        )
+
+
+@dataclass
+class FetchConfig:
+    """How ``vsotools fetch`` searches Flickr and downloads images."""
+
+    api_url: str = "https://api.flickr.com/services/rest/"
+    """Flickr REST endpoint; point it at ``vsotools flickr-server`` for offline runs."""
+    search_mode: Literal["text", "tags"] = "text"
+    """``text``: free-text search of the ANP's two words; ``tags``: ``tags=adj,noun&tag_mode=all``."""
+    per_anp: int = 1000
+    """Most photos recorded per ANP."""
+    per_page: int = 500
+    """Results per search page (Flickr's maximum is 500)."""
+    extras: list[str] = field(
+        default_factory=lambda: [
+            "description",
+            "tags",
+            "license",
+            "owner_name",
+            "date_upload",
+            "date_taken",
+            "url_m",
+            "url_z",
+            "url_l",
+        ]
+    )
+    """Extra fields asked of ``flickr.photos.search``."""
+    sizes: list[str] = field(default_factory=lambda: ["url_z", "url_m", "url_l"])
+    """Image renditions to download, in order of preference; the first one a photo has wins."""
+    licenses: list[int] = field(default_factory=list)
+    """Only photos under these licence ids (e.g. 1,2,4,5,9,10 for CC and public domain); empty: any."""
+    calls_per_hour: int = 3600
+    """API call budget per key (a token bucket); Flickr's documented quota is 3,600."""
+
+    def validate(self) -> None:
+        _check(self.per_anp > 0, "fetch.per_anp", "must be positive")
+        _check(1 <= self.per_page <= 500, "fetch.per_page", "must be between 1 and 500")
+        _check(self.calls_per_hour > 0, "fetch.calls_per_hour", "must be positive")
+        _check(bool(self.sizes), "fetch.sizes", "must name at least one size (e.g. url_z)")
+
+
+@dataclass
+class FilterConfig:
+    """The paper's filtering rules and the train/test split."""
+
+    min_words: int = 5
+    """Keep a photo when min_words <= words <= max_words (bounds inclusive)."""
+    max_words: int = 150
+    text_fields: list[Literal["title", "description", "tags"]] = field(
+        default_factory=lambda: ["description"]
+    )
+    """Fields joined into a photo's text; the paper uses the description alone."""
+    test_fraction: float = 0.2
+    seed: int = 2017
+    """Seed of the hash that assigns each split group to train or test."""
+    group_by: Literal["photo", "owner"] = "photo"
+    """``photo`` is the paper's protocol; ``owner`` keeps each Flickr user on one side."""
+    dedup_images: bool = True
+    """Keep one photo of each set with identical image bytes."""
+    dedup_owner_text: bool = True
+    """Keep one photo of each set posted by one owner with the same text (bulk uploads)."""
+
+    def validate(self) -> None:
+        _check(self.min_words >= 0, "filter.min_words", "must not be negative")
+        _check(
+            self.min_words <= self.max_words,
+            "filter.max_words",
+            f"must be at least filter.min_words ({self.max_words} < {self.min_words})",
+        )
+        _check(0.0 < self.test_fraction < 1.0, "filter.test_fraction", "must be in (0, 1)")
+        _check(bool(self.text_fields), "filter.text_fields", "must name at least one field")
+
+
+@dataclass
+class ShardConfig:
+    """How ``vsotools shard`` writes WebDataset tar shards."""
+
+    image_size: int = 256
+    """Shorter side of the re-encoded JPEG; training takes random crops of ``train.crop_size``."""
+    quality: int = 90
+    """JPEG quality of the re-encoded images."""
+    maxcount: int = 2000
+    """Most samples per shard."""
+    maxsize: int = 512_000_000
+    """Most bytes per shard."""
+    workers: int = 2
+    """Processes writing shards in parallel."""
+
+    def validate(self) -> None:
+        _check(self.image_size > 0, "shard.image_size", "must be positive")
+        _check(1 <= self.quality <= 100, "shard.quality", "must be between 1 and 100")
+        _check(self.maxcount > 0, "shard.maxcount", "must be positive")
+        _check(self.maxsize > 0, "shard.maxsize", "must be positive")
+        _check(self.workers > 0, "shard.workers", "must be positive")
+
+
+@dataclass
+class TrainConfig:
+    """The deep fusion CNN, its baselines and the training schedule (paper defaults)."""
+
+    model: Literal["fusion", "text", "image"] = "fusion"
+    batch_size: int = 100
+    lr: float = 1e-4
+    """Adam learning rate at step 0."""
+    lr_decay: float = 0.96
+    lr_decay_steps: int = 3000
+    """Staircase decay: lr * lr_decay ** (step // lr_decay_steps)."""
+    epochs: int = 10
+    seed: int = 2017
+    word_dim: int = 200
+    """Size of the static word2vec vectors."""
+    max_words: int = 150
+    """Texts are padded or cut to this many tokens."""
+    filter_widths: list[int] = field(default_factory=lambda: [3, 4, 5])
+    num_filters: int = 100
+    """Filters per width in the text CNN."""
+    word_vectors: str = _path()
+    """word2vec (binary/text) or gensim KeyedVectors file; empty: train Word2Vec on the train split."""
+    crop_size: int = 224
+    """Side of the square crop the image branch sees."""
+
+    def validate(self) -> None:
+        _check(self.batch_size > 0, "train.batch_size", "must be positive")
+        _check(self.lr > 0, "train.lr", "must be positive")
+        _check(0.0 < self.lr_decay <= 1.0, "train.lr_decay", "must be in (0, 1]")
+        _check(self.lr_decay_steps > 0, "train.lr_decay_steps", "must be positive")
+        _check(self.epochs > 0, "train.epochs", "must be positive")
+        _check(self.word_dim > 0, "train.word_dim", "must be positive")
+        _check(self.max_words > 0, "train.max_words", "must be positive")
+        _check(
+            bool(self.filter_widths) and all(w > 0 for w in self.filter_widths),
+            "train.filter_widths",
+            "must be a non-empty list of positive widths",
+        )
+        _check(self.num_filters > 0, "train.num_filters", "must be positive")
+        _check(self.crop_size > 0, "train.crop_size", "must be positive")
+
+
+@dataclass
+class Recipe:
+    """A whole dataset recipe: one section per stage."""
+
+    name: str = "vso"
+    anps: AnpsConfig = field(default_factory=AnpsConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        for section in _sections(self):
+            getattr(self, section).validate()
+
+    def override(self, values: Mapping[str, Any], base_dir: Path | None = None) -> Recipe:
+        """A copy with ``{"section.key": value}`` applied; values are typed Python objects.
+
+        Relative paths are resolved against ``base_dir`` (default: the current directory).
+        """
+        recipe = copy.deepcopy(self)
+        base = Path.cwd() if base_dir is None else base_dir
+        for dotted, value in values.items():
+            section, key = _split_key(dotted)
+            target = recipe if section is None else getattr(recipe, section)
+            setattr(target, key, _coerce(target, key, value, dotted, base))
+        recipe.validate()
+        return recipe
+
+    def override_strings(self, assignments: list[str], base_dir: Path | None = None) -> Recipe:
+        """Apply ``section.key=value`` strings (``--set``), each parsed by the key's declared type."""
+        values: dict[str, Any] = {}
+        for assignment in assignments:
+            dotted, sep, text = assignment.partition("=")
+            if not sep:
+                raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+            section, key = _split_key(dotted.strip())
+            target = self if section is None else getattr(self, section)
+            values[dotted.strip()] = _parse_string(_field_types(target)[key], text.strip(), dotted)
+        return self.override(values, base_dir)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load and validate a recipe file; relative paths in it are resolved against its folder."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: recipe not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return recipe_from_dict(data, base_dir=path.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def recipe_from_dict(data: Mapping[str, Any], base_dir: Path) -> Recipe:
+    """Build a validated recipe from nested TOML-like data; unknown keys are refused."""
+    recipe = Recipe()
+    for key, value in data.items():
+        if key in _sections(recipe):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key}: expected a table [{key}], got {_kind(value)}")
+            section = getattr(recipe, key)
+            for sub_key, sub_value in value.items():
+                dotted = f"{key}.{sub_key}"
+                if sub_key not in _field_types(section):
+                    raise ConfigError(_unknown(dotted, section))
+                setattr(section, sub_key, _coerce(section, sub_key, sub_value, dotted, base_dir))
+        elif key in _field_types(recipe):
+            setattr(recipe, key, _coerce(recipe, key, value, key, base_dir))
+        else:
+            raise ConfigError(_unknown(key, recipe))
+    recipe.validate()
+    return recipe
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The recipe as TOML text that ``load_recipe`` reads back to an equal recipe."""
+    lines = [f"name = {_toml_value(recipe.name)}"]
+    for section in _sections(recipe):
+        lines += ["", f"[{section}]"]
+        for f in dataclasses.fields(getattr(recipe, section)):
+            lines.append(f"{f.name} = {_toml_value(getattr(getattr(recipe, section), f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def write_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe beside a stage's output (atomically)."""
+    atomic_write_text(path, recipe_to_toml(recipe))
+
+
+# --- typing machinery -----------------------------------------------------------------------
+
+
+def _sections(recipe: Recipe) -> list[str]:
+    return [name for name, t in _field_types(recipe).items() if dataclasses.is_dataclass(t)]
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _is_path(obj: Any, key: str) -> bool:
+    return bool(next(f for f in dataclasses.fields(obj) if f.name == key).metadata.get("path"))
+
+
+def _split_key(dotted: str) -> tuple[str | None, str]:
+    section, _, key = dotted.rpartition(".")
+    recipe = Recipe()
+    if not section:
+        if key not in _field_types(recipe) or key in _sections(recipe):
+            raise ConfigError(_unknown(dotted, recipe))
+        return None, key
+    if section not in _sections(recipe):
+        raise ConfigError(f"{dotted}: unknown section {section!r} (known: {_sections(recipe)})")
+    if key not in _field_types(getattr(recipe, section)):
+        raise ConfigError(_unknown(dotted, getattr(recipe, section)))
+    return section, key
+
+
+def _unknown(dotted: str, obj: Any) -> str:
+    known = ", ".join(f.name for f in dataclasses.fields(obj))
+    return f"{dotted}: unknown key (known here: {known})"
+
+
+def _kind(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _coerce(obj: Any, key: str, value: Any, dotted: str, base_dir: Path) -> Any:
+    value = _check_type(_field_types(obj)[key], value, dotted)
+    if _is_path(obj, key) and value:
+        value = str((base_dir / Path(value).expanduser()).resolve())
+    return value
+
+
+def _check_type(expected: Any, value: Any, dotted: str) -> Any:
+    origin = typing.get_origin(expected)
+    if origin is Literal:
+        choices = typing.get_args(expected)
+        if value not in choices:
+            raise ConfigError(f"{dotted}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{dotted}: expected an array, got {_kind(value)} {value!r}")
+        return [_check_type(item_type, item, f"{dotted}[{i}]") for i, item in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"{dotted}: optional fields are not supported in recipes")
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{dotted}: expected true or false, got {_kind(value)} {value!r}")
+        return value
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{dotted}: expected an integer, got {_kind(value)} {value!r}")
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{dotted}: expected a number, got {_kind(value)} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{dotted}: expected a finite number, got {value!r}")
+        return float(value)
+    if expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{dotted}: expected a string, got {_kind(value)} {value!r}")
+        return value
+    raise TypeError(f"{dotted}: unsupported recipe type {expected!r}")
+
+
+def _parse_string(expected: Any, text: str, dotted: str) -> Any:
+    """Parse command-line text by the declared type (never by guessing from the text)."""
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        return [_parse_string(item_type, item, dotted) for item in items]
+    if origin is Literal:
+        return text
+    try:
+        if expected is bool:
+            lowered = text.lower()
+            if lowered not in ("true", "false"):
+                raise ValueError
+            return lowered == "true"
+        if expected is int:
+            return int(text)
+        if expected is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{dotted}: cannot read {text!r} as {_kind(expected())}") from None
+    return text
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _check(condition: bool, dotted: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{dotted}: {message}")
