@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vsotools import __version__, anps
+from vsotools import __version__, anps, schema
+from vsotools import filter as filtering
 from vsotools.config import Recipe, load_recipe
 from vsotools.errors import VsoError
 
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_anps_commands(commands)
+    _add_filter_command(commands)
     return parser
 
 
@@ -79,13 +81,18 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _resolve_recipe(args: argparse.Namespace, **flags: Any) -> Recipe:
-    """The recipe file (or the defaults), then --set, then the command's flags that were given.
+def _resolve_recipe(args: argparse.Namespace, default: Path | None = None, **flags: Any) -> Recipe:
+    """The recipe file (or ``default`` when it exists, or the built-in defaults), then --set,
+    then the command's flags that were given.
 
     ``flags`` maps dotted recipe keys written with ``__`` (``filter__min_words``) to flag values;
     flags left at None are not applied.
     """
-    recipe = load_recipe(args.recipe) if args.recipe else Recipe()
+    path = args.recipe
+    if path is None and default is not None and default.is_file():
+        log.info("recipe: %s (the one the previous stage used)", default)
+        path = default
+    recipe = load_recipe(path) if path else Recipe()
     recipe = recipe.override_strings(args.assignments)
     given = {key.replace("__", "."): value for key, value in flags.items() if value is not None}
     return recipe.override(given)
@@ -195,3 +202,107 @@ def _anps_stats(args: argparse.Namespace) -> int:
     ):
         print(f"  {name:<10}{_count(n):>{width}}")
     return 0
+
+
+# --- vsotools filter --------------------------------------------------------------------------
+
+
+def _add_filter_command(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "filter",
+        help="label, filter and split fetched photos by the paper's rules",
+        description="Keep fetched photos whose text has min..max words (bounds inclusive),"
+        " label them by their ANPs' sentiment (or the given label), drop duplicates, and split"
+        " them into train and test. Writes DATA/filtered.parquet and DATA/filter-report.json.",
+    )
+    p.add_argument("data", type=Path, help="dataset folder written by `vsotools fetch`")
+    p.add_argument("--min-words", type=int, help="fewest words kept (default 5)")
+    p.add_argument("--max-words", type=int, help="most words kept (default 150)")
+    p.add_argument(
+        "--text-fields",
+        help="comma-separated fields that make the text: title,description,tags"
+        " (default: description)",
+    )
+    p.add_argument("--manifest", type=Path, help="ANP manifest CSV (default: the recipe's)")
+    p.add_argument("--pos-threshold", type=float, metavar="P", help="ANP positive if score > P")
+    p.add_argument("--neg-threshold", type=float, metavar="N", help="ANP negative if score < N")
+    p.add_argument("--test-fraction", type=float, help="share of photos in test (default 0.2)")
+    p.add_argument("--seed", type=int, help="seed of the split hash")
+    p.add_argument(
+        "--group-by",
+        choices=("photo", "owner"),
+        help="photo: the paper's split; owner: every photo of a user on one side",
+    )
+    p.add_argument(
+        "--dedup-images",
+        action=argparse.BooleanOptionalAction,
+        help="keep one photo per identical image (default: on)",
+    )
+    p.add_argument(
+        "--dedup-owner-text",
+        action=argparse.BooleanOptionalAction,
+        help="keep one photo per owner and identical text (default: on)",
+    )
+    p.add_argument("--workers", type=int, help="processes counting words (0: one per core)")
+    _add_recipe_arguments(p)
+    p.set_defaults(run=_filter)
+
+
+def _filter(args: argparse.Namespace) -> int:
+    text_fields = None
+    if args.text_fields is not None:
+        text_fields = [f.strip() for f in args.text_fields.split(",") if f.strip()]
+    recipe = _resolve_recipe(
+        args,
+        default=args.data / "fetch-recipe.toml",
+        filter__min_words=args.min_words,
+        filter__max_words=args.max_words,
+        filter__text_fields=text_fields,
+        filter__test_fraction=args.test_fraction,
+        filter__seed=args.seed,
+        filter__group_by=args.group_by,
+        filter__dedup_images=args.dedup_images,
+        filter__dedup_owner_text=args.dedup_owner_text,
+        filter__workers=args.workers,
+        anps__manifest=args.manifest,
+        anps__pos_threshold=args.pos_threshold,
+        anps__neg_threshold=args.neg_threshold,
+    )
+    report = filtering.filter_dataset(args.data, recipe, progress=_progress(args))
+    _print_filter_report(report, recipe)
+    print(f"wrote {args.data / filtering.FILTERED_NAME} and {args.data / filtering.REPORT_NAME}")
+    return 0
+
+
+def _print_filter_report(report: filtering.FilterReport, recipe: Recipe) -> None:
+    cfg = recipe.filter
+    rules = [
+        (filtering.NOT_FETCHED, "image not fetched"),
+        (filtering.TOO_FEW_WORDS, f"fewer than {cfg.min_words} words"),
+        (filtering.TOO_MANY_WORDS, f"more than {cfg.max_words} words"),
+        (filtering.NO_LABEL, "no labelled ANP / no label"),
+        (filtering.CONFLICTING, "ANPs disagree"),
+        (filtering.NEUTRAL, "neutral label"),
+        (filtering.DUPLICATE_IMAGE, "same image as another photo"),
+        (filtering.DUPLICATE_OWNER_TEXT, "same owner and text as another"),
+    ]
+    left = report.input
+    print(f"{'rule':<34}{'dropped':>10}{'left':>10}")
+    print(f"{'photos fetched and recorded':<34}{'':>10}{_count(left):>10}")
+    for key, name in rules:
+        left -= report.dropped[key]
+        print(f"{name:<34}{_count(report.dropped[key]):>10}{_count(left):>10}")
+    print()
+    labels = schema.LABEL_NAMES
+    print(f"{'split':<10}" + "".join(f"{name:>10}" for name in labels) + f"{'total':>10}")
+    for split in schema.SPLITS:
+        counts = report.splits[split]
+        row = "".join(f"{_count(counts[name]):>10}" for name in labels)
+        print(f"{split:<10}{row}{_count(sum(counts.values())):>10}")
+    fractions = ", ".join(
+        f"{name} {report.test_fraction[name]:.3f}"
+        for name in labels
+        if report.test_fraction.get(name) is not None
+    )
+    print(f"test fraction asked {cfg.test_fraction:g}; reached: {fractions or 'n/a'}")
+    print(f"group by {cfg.group_by}, seed {cfg.seed}, {report.seconds:.1f} s")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import tomllib
 import types
 import typing
@@ -114,6 +115,8 @@ class FilterConfig:
     """Keep one photo of each set with identical image bytes."""
     dedup_owner_text: bool = True
     """Keep one photo of each set posted by one owner with the same text (bulk uploads)."""
+    workers: int = 0
+    """Processes counting words; 0: one per core."""
 
     def validate(self) -> None:
         _check(self.min_words >= 0, "filter.min_words", "must not be negative")
@@ -124,6 +127,7 @@ class FilterConfig:
         )
         _check(0.0 < self.test_fraction < 1.0, "filter.test_fraction", "must be in (0, 1)")
         _check(bool(self.text_fields), "filter.text_fields", "must name at least one field")
+        _check(self.workers >= 0, "filter.workers", "must not be negative")
 
 
 @dataclass
@@ -331,6 +335,8 @@ def _kind(value: Any) -> str:
 
 
 def _coerce(obj: Any, key: str, value: Any, dotted: str, base_dir: Path) -> Any:
+    if _is_path(obj, key) and isinstance(value, os.PathLike):
+        value = os.fspath(value)
     value = _check_type(_field_types(obj)[key], value, dotted)
     if _is_path(obj, key) and value:
         value = str((base_dir / Path(value).expanduser()).resolve())

@@ -50,4 +50,5 @@ def words(text: str) -> list[str]:
 
 def count_words(text: str) -> int:
     """Number of words in ``text`` (see ``words``)."""
-    return sum(1 for t in tokenize(text) if is_word(t))
+    search = _LETTER_OR_DIGIT.search
+    return sum(1 for t in tokenize(text) if search(t))
