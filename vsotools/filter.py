@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -108,7 +107,7 @@ class FilterReport:
     """Asked fraction and, per label, the fraction of that label's photos that went to test."""
     unknown_anps: int = 0
     """Distinct ANPs found on photos but absent from the manifest (treated as unlabelled)."""
-    words_histogram: Counter[str] = field(default_factory=Counter)
+    words_histogram: dict[str, int] = field(default_factory=dict)
     """Words per text -> fetched photos with that many (before the word rule), for plots."""
     seconds: float = 0.0
 
@@ -230,8 +229,8 @@ def filter_dataset(data_dir: str | Path, recipe: Recipe, *, progress: bool = Fal
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    report.words_histogram = Counter(
-        dict(sorted(report.words_histogram.items(), key=lambda kv: int(kv[0])))
+    report.words_histogram = dict(
+        sorted(report.words_histogram.items(), key=lambda item: int(item[0]))
     )
     report.kept = sum(sum(labels.values()) for labels in report.splits.values())
     report.unknown_anps = len(unknown)
@@ -306,7 +305,8 @@ def _label_and_count(
 
     texts = [photo_text(r, cfg.text_fields) for r in fetched]
     counts = counter(texts)
-    report.words_histogram.update(Counter(str(n) for n in counts))
+    for n in counts:
+        report.words_histogram[str(n)] = report.words_histogram.get(str(n), 0) + 1
     kept = []
     for record, text, words in zip(fetched, texts, counts, strict=True):
         if words < cfg.min_words:
