@@ -93,6 +93,9 @@ def test_paper_rules_keep_exactly_the_expected_photos(cli, tmp_path, manifest):
     assert report["input"] == len(records)
     assert report["input"] == report["kept"] + sum(report["dropped"].values())
     assert report["unknown_anps"] == 1
+    # The histogram of words per text covers every fetched photo, before the word rule.
+    assert sum(report["words_histogram"].values()) == len(records) - 1
+    assert report["words_histogram"]["150"] == 1 and report["words_histogram"]["151"] == 1
 
 
 def test_mvso_thresholds_leave_weak_anps_unlabelled(cli, tmp_path, manifest):
