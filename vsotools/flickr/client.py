@@ -230,14 +230,19 @@ def _message(exc: flickrapi.FlickrError) -> str:
 
 
 def _quiet_flickrapi_logging() -> None:
-    # flickrapi logs each call at DEBUG with its FlickrAPI repr, which contains the API key, and
-    # logs HTTP error bodies at ERROR; keep the former from being made and the latter from
-    # reaching stderr through logging's last-resort handler. Our own log says what happened.
-    flickr_log = logging.getLogger("flickrapi")
-    if flickr_log.level == logging.NOTSET or flickr_log.level < logging.WARNING:
-        flickr_log.setLevel(logging.WARNING)
-    if not any(isinstance(h, logging.NullHandler) for h in flickr_log.handlers):
-        flickr_log.addHandler(logging.NullHandler())
+    # flickrapi logs each call at DEBUG with its FlickrAPI repr, and oauthlib / requests_oauthlib
+    # log the signed parameters and headers; all of them show the API key. Keep those records
+    # from being made, and keep flickrapi's ERROR lines for HTTP errors (the bodies of 429s)
+    # from reaching stderr through logging's last-resort handler. Our own log says what happened.
+    for name in _LEAKY_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+        if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+            logger.addHandler(logging.NullHandler())
+
+
+_LEAKY_LOGGERS = ("flickrapi", "oauthlib", "requests_oauthlib")
 
 
 # --- parsing --------------------------------------------------------------------------------
