@@ -90,7 +90,7 @@ class QuietServer(ThreadingHTTPServer):
 @pytest.fixture(scope="module")
 def host():
     server = QuietServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()

@@ -20,6 +20,7 @@ import logging
 import math
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,6 +240,9 @@ class Downloader:
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             session.headers["User-Agent"] = self.settings.user_agent
+            # Looking up proxy settings in the environment costs more CPU per request than
+            # validating the image; skip it unless a proxy is configured.
+            session.trust_env = bool(urllib.request.getproxies())
             self._local.session = session
             with self._lock:
                 self._sessions.append(session)
