@@ -169,7 +169,7 @@ def test_upload_date_windows_reach_past_the_4000_cap(cli, tmp_path):
     # url_l is larger than the photos, so none is downloaded: this is about the search.
     with serve(corpus) as url:
         args = crawl_args(corpus, url, out, "--per-anp", "5000", "--set", "fetch.sizes=url_l")
-        result = cli(*args, "--set", "fetch.extras=url_l")
+        result = cli(*args, "--set", "fetch.extras=")
     assert result.code == 0, result.err
     df = records(out)
     assert len(df) == 4321 and df.photo_id.is_unique
@@ -212,6 +212,14 @@ def test_failed_downloads_are_retried_on_request_only(cli, corpus, tmp_path):
     assert "http_500" not in set(again.error.dropna())
     assert set(again.photo_id) == set(first.photo_id)
     assert (again.status == "ok").sum() > (first.status == "ok").sum()
+
+
+def test_a_crawl_stopped_by_an_unavailable_api_says_to_rerun(cli, corpus, tmp_path):
+    with serve(corpus, faults=Faults(unavailable=1.0)) as url:
+        result = cli(*crawl_args(corpus, url, tmp_path / "data", "--set", "fetch.api_retries=2"))
+    assert result.code == 1
+    assert "failed 3 times" in result.err and "rerun the same command" in result.err
+    assert not (tmp_path / "data" / "fetch-report.json").exists()
 
 
 def test_a_rerun_with_other_search_settings_is_refused(cli, corpus, tmp_path):
@@ -383,3 +391,16 @@ def test_a_bad_pairs_file_is_refused_with_its_line(cli, tmp_path, line, message)
     result = cli("fetch", "--pairs", path, "--out", tmp_path / "data")
     assert result.code == 1 and message in result.err
     assert not (tmp_path / "data" / "metadata").exists()
+
+
+def test_only_the_anps_the_rule_labels_are_searched(shared_data, tmp_path):
+    from vsotools.anps import import_release
+    from vsotools.config import load_recipe
+    from vsotools.fetch import anps_to_search
+
+    manifest = tmp_path / "mvso-en-anps.csv"
+    import_release(shared_data / "anps" / "mvso-english.csv", "mvso", manifest)
+    recipe = load_recipe(Path(__file__).parents[1] / "pipelines" / "mvso-en.toml")
+    recipe = recipe.override({"anps.manifest": str(manifest)})
+    assert len(anps_to_search(recipe)) == 857 + 826
+    assert len(anps_to_search(recipe.override({"fetch.all_anps": True}))) == 4421

@@ -86,7 +86,8 @@ class FetchConfig:
     )
     """Extra fields asked of ``flickr.photos.search``."""
     sizes: list[str] = field(default_factory=lambda: ["url_z", "url_m", "url_l"])
-    """Image renditions to download, in order of preference; the first one a photo has wins."""
+    """Image renditions to download, in order of preference; the first one a photo has wins
+    (they are asked of the search as extras too)."""
     licenses: list[int] = field(default_factory=list)
     """Only photos under these licence ids (e.g. 1,2,4,5,9,10 for CC and public domain); empty: any."""
     calls_per_hour: int = 3600
@@ -103,7 +104,7 @@ class FetchConfig:
     """Image downloads in flight at once (threads sharing pooled HTTP connections)."""
     download_timeout: float = 30.0
     """Seconds to wait for an image server to connect or to send more bytes."""
-    download_retries: int = 3
+    download_retries: int = 5
     """Retries of an image download after a transient failure (429, 5xx, timeout, reset)."""
     backoff_base: float = 1.0
     """First retry delay in seconds; doubled on each retry, with full jitter."""
@@ -141,9 +142,9 @@ class FetchConfig:
         _check(bool(self.sizes), "fetch.sizes", "must name at least one size (e.g. url_z)")
         for i, size in enumerate(self.sizes):
             _check(
-                size.startswith("url_") and size in self.extras,
+                size.startswith("url_"),
                 f"fetch.sizes[{i}]",
-                f"{size!r} must be a url_* extra listed in fetch.extras",
+                f"{size!r} is not a size extra (url_m, url_z, url_l, ...)",
             )
         _check(
             all(0 <= lic <= 99 for lic in self.licenses), "fetch.licenses", "must be licence ids"

@@ -227,6 +227,7 @@ def _crawl(
             anp.noun,
             mode=config.search_mode,
             extras=config.extras,
+            sizes=config.sizes,
             licenses=config.licenses,
         )
         found = 0

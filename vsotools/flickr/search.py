@@ -48,10 +48,15 @@ def anp_query(
     *,
     mode: str,
     extras: Sequence[str],
-    licenses: Sequence[int],
+    sizes: Sequence[str] = (),
+    licenses: Sequence[int] = (),
 ) -> Query:
-    """The search for an ANP: its two words as free text, or both as tags (``tag_mode=all``)."""
+    """The search for an ANP: its two words as free text, or both as tags (``tag_mode=all``).
+
+    The ``url_*`` extras of ``sizes`` are asked for too, if ``extras`` lacks them.
+    """
     noun_words = noun.replace("_", " ")
+    extras = list(dict.fromkeys([*extras, *sizes]))
     params = {"media": "photos", "sort": SORT, "extras": ",".join(extras)}
     if mode == "tags":
         params.update(tags=f"{adjective},{noun_words}", tag_mode="all")
