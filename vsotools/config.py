@@ -104,11 +104,12 @@ class FetchConfig:
     """Image downloads in flight at once (threads sharing pooled HTTP connections)."""
     download_timeout: float = 30.0
     """Seconds to wait for an image server to connect or to send more bytes."""
-    download_retries: int = 5
+    download_retries: int = 8
     """Retries of an image download after a transient failure (429, 5xx, timeout, reset)."""
-    backoff_base: float = 1.0
-    """First retry delay in seconds; doubled on each retry, with full jitter."""
-    backoff_max: float = 120.0
+    backoff_base: float = 0.5
+    """Nominal first retry delay in seconds, doubled on each retry; each delay is drawn between
+    half and all of its nominal value (jitter)."""
+    backoff_max: float = 60.0
     """Longest retry delay in seconds."""
     allowed_hosts: list[str] = field(default_factory=lambda: ["*.staticflickr.com"])
     """Image hosts that may be contacted (``*.`` matches subdomains; ``*`` any); the API host is

@@ -66,9 +66,9 @@ class DownloadSettings:
     """How images are fetched, checked and stored."""
 
     timeout: float = 30.0
-    retries: int = 3
-    backoff_base: float = 1.0
-    backoff_max: float = 120.0
+    retries: int = 8
+    backoff_base: float = 0.5
+    backoff_max: float = 60.0
     limits: ImageLimits = field(default_factory=ImageLimits)
     max_side: int = 0
     """Downscale to this longer side (re-encoded as JPEG) before storing; 0: store as served."""

@@ -142,8 +142,8 @@ class FlickrClient:
         burst: int = 10,
         timeout: float = 60.0,
         retries: int = 8,
-        backoff_base: float = 1.0,
-        backoff_max: float = 120.0,
+        backoff_base: float = 0.5,
+        backoff_max: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         _quiet_flickrapi_logging()
