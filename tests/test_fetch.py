@@ -391,6 +391,13 @@ def test_a_bad_pairs_file_is_refused_with_its_line(cli, tmp_path, line, message)
     result = cli("fetch", "--pairs", path, "--out", tmp_path / "data")
     assert result.code == 1 and message in result.err
     assert not (tmp_path / "data" / "metadata").exists()
+    # Fixed, the file goes into the same folder; changed after that, it is refused.
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.jpg")
+    path.write_text(f"{first}\n")
+    assert cli("fetch", "--pairs", path, "--out", tmp_path / "data").code == 0
+    path.write_text(f"{first}\n{first.replace('0', '9')}\n")
+    result = cli("fetch", "--pairs", path, "--out", tmp_path / "data")
+    assert result.code == 1 and "has changed since" in result.err
 
 
 def test_only_the_anps_the_rule_labels_are_searched(shared_data, tmp_path):

@@ -39,12 +39,13 @@ from vsotools.flickr.client import Credentials, FlickrClient, FoundPhoto
 from vsotools.flickr.search import PageSummary, anp_query, search_anp
 from vsotools.pairs import PairsError, read_pairs
 from vsotools.schema import SOURCE_FLICKR, SOURCE_PAIRS
-from vsotools.store import PendingPhoto, Store
+from vsotools.store import PendingPhoto, StateError, Store
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "fetch-report.json"
 RECIPE_FILE = "fetch-recipe.toml"
+PAIRS_SHA256 = "pairs sha256"
 NO_IMAGE_URL = "no_image_url"
 """Failure reason of a photo that has none of the sizes asked for."""
 
@@ -101,7 +102,6 @@ def fetch(
         if pairs is not None:
             pairs = Path(pairs).resolve()
             store.pin({"source": SOURCE_PAIRS, "pairs": str(pairs), **common})
-            store.pin({"pairs file sha256": _file_sha256(pairs)})
         else:
             store.pin({"source": SOURCE_FLICKR, **common, **_search_settings(recipe, anps)})
         write_recipe(recipe, out / RECIPE_FILE)
@@ -271,7 +271,14 @@ def _host(url: str) -> str:
 
 def _load_pairs(store: Store, path: Path) -> None:
     """Read the pairs file into the state once (one transaction: all rows or none)."""
-    if store.meta("pairs loaded") is not None:
+    digest = _file_sha256(path)
+    loaded = store.meta(PAIRS_SHA256)
+    if loaded is not None:
+        if loaded != digest:
+            raise StateError(
+                f"{store.root} was built from {path} when its sha256 was {loaded[:16]}..., but the"
+                f" file has changed since (now {digest[:16]}...); use another --out"
+            )
         return
     base = path.parent
 
@@ -286,8 +293,7 @@ def _load_pairs(store: Store, path: Path) -> None:
             local = None if pair.is_url else str((base / pair.image).resolve())
             yield pair.id, record, local
 
-    added = store.add_pairs(rows())
-    store.set_meta("pairs loaded", str(added))
+    added = store.add_pairs(rows(), meta={PAIRS_SHA256: digest})
     log.info("read %d pairs from %s", added, path)
 
 

@@ -166,9 +166,12 @@ class Store:
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def pin(self, settings: Mapping[str, Any]) -> None:
-        """Record the settings a dataset was started with; refuse a rerun that changes them."""
+        """Record the settings a dataset was started with; refuse a rerun that changes them.
+
+        Until a search call or a photo is recorded, new settings simply replace the old ones.
+        """
         stored = self.meta("pinned")
-        if stored is None:
+        if stored is None or self._is_empty():
             self.set_meta("pinned", json.dumps(dict(settings), sort_keys=True))
             return
         before = json.loads(stored)
@@ -179,6 +182,12 @@ class Store:
                     f" {_short(value)}; rerun with the same settings to continue, or use another"
                     " --out"
                 )
+
+    def _is_empty(self) -> bool:
+        with self._lock:
+            photos = self._db.execute("SELECT EXISTS (SELECT 1 FROM photos)").fetchone()[0]
+            calls = self._db.execute("SELECT EXISTS (SELECT 1 FROM calls)").fetchone()[0]
+        return not photos and not calls
 
     # --- searches -----------------------------------------------------------------------------
 
@@ -240,10 +249,17 @@ class Store:
 
     # --- pairs --------------------------------------------------------------------------------
 
-    def add_pairs(self, rows: Iterable[tuple[str, Mapping[str, Any], str | None]]) -> int:
-        """Add (photo_id, record, local image path) rows in order; returns how many were added."""
+    def add_pairs(
+        self,
+        rows: Iterable[tuple[str, Mapping[str, Any], str | None]],
+        meta: Mapping[str, str] | None = None,
+    ) -> int:
+        """Add (photo_id, record, local image path) rows in order, and the ``meta`` entries, in one
+        transaction; returns how many rows were added."""
         added = 0
         with self._transaction() as db:
+            for key, value in (meta or {}).items():
+                db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
             for photo_id, record, local_path in rows:
                 seq = self._next_seq
                 db.execute(
