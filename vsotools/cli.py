@@ -286,9 +286,9 @@ def _add_fetch_commands(commands: argparse._SubParsersAction) -> None:
     server.add_argument("--port", type=int, default=0, help="0: any free port (default)")
     server.add_argument(
         "--invalid-key",
-        default=server_module().DEFAULT_INVALID_KEY,
         metavar="KEY",
-        help="the one API key refused with error 100 (any other non-empty key is accepted)",
+        help="the one API key refused with error 100 (default: invalid-key); any other"
+        " non-empty key is accepted",
     )
     server.add_argument("--fail-500", type=_fraction, default=0.0, metavar="F")
     server.add_argument("--fail-429", type=_fraction, default=0.0, metavar="F")
@@ -314,12 +314,6 @@ def _add_fetch_commands(commands: argparse._SubParsersAction) -> None:
         "--request-log", type=Path, metavar="FILE", help="append each request as a JSON line"
     )
     server.set_defaults(run=_flickr_server)
-
-
-def server_module() -> Any:
-    from vsotools.flickr import server
-
-    return server
 
 
 def _fetch(args: argparse.Namespace) -> int:
@@ -363,7 +357,8 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _flickr_server(args: argparse.Namespace) -> int:
-    server = server_module()
+    from vsotools.flickr import server
+
     faults = server.Faults(
         error_500=args.fail_500,
         error_429=args.fail_429,
@@ -380,7 +375,7 @@ def _flickr_server(args: argparse.Namespace) -> int:
             args.host,
             args.port,
             faults=faults,
-            invalid_key=args.invalid_key,
+            invalid_key=args.invalid_key or server.DEFAULT_INVALID_KEY,
             request_log=args.request_log,
         )
     except ValueError as exc:
