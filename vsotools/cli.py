@@ -359,27 +359,27 @@ def _fetch(args: argparse.Namespace) -> int:
 def _flickr_server(args: argparse.Namespace) -> int:
     from vsotools.flickr import server
 
-    faults = server.Faults(
-        error_500=args.fail_500,
-        error_429=args.fail_429,
-        drop=args.drop,
-        unavailable=args.unavailable,
-        truncated=args.truncated,
-        not_image=args.not_image,
-        latency=args.latency,
-        seed=args.seed,
-    )
     try:
-        httpd = server.make_server(
-            args.corpus,
-            args.host,
-            args.port,
-            faults=faults,
-            invalid_key=args.invalid_key or server.DEFAULT_INVALID_KEY,
-            request_log=args.request_log,
+        faults = server.Faults(
+            error_500=args.fail_500,
+            error_429=args.fail_429,
+            drop=args.drop,
+            unavailable=args.unavailable,
+            truncated=args.truncated,
+            not_image=args.not_image,
+            latency=args.latency,
+            seed=args.seed,
         )
     except ValueError as exc:
         raise VsoError(f"flickr-server: {exc}") from None
+    httpd = server.make_server(
+        args.corpus,
+        args.host,
+        args.port,
+        faults=faults,
+        invalid_key=args.invalid_key or server.DEFAULT_INVALID_KEY,
+        request_log=args.request_log,
+    )
     print(httpd.base_url, flush=True)
     print(f"REST endpoint: {httpd.api_url}", flush=True)
     print(f"serving {_count(len(httpd.corpus.by_id))} photos from {args.corpus}", flush=True)
