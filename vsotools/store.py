@@ -276,17 +276,22 @@ class Store:
 
     # --- downloads ----------------------------------------------------------------------------
 
-    def pending(self) -> list[PendingPhoto]:
-        """Counted photos without an outcome yet, in discovery order."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, photo_id, record, local_path FROM photos"
-                " WHERE seq IS NOT NULL AND status IS NULL ORDER BY seq"
-            ).fetchall()
-        return [
-            PendingPhoto(seq, pid, json.loads(record).get("image_url"), local)
-            for seq, pid, record, local in rows
-        ]
+    def pending(self, batch: int = 1000) -> Iterator[PendingPhoto]:
+        """Counted photos without an outcome yet, in discovery order, read ``batch`` at a time
+        (a million pending photos never sit in memory at once)."""
+        after = -1
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT seq, photo_id, record, local_path FROM photos"
+                    " WHERE seq > ? AND status IS NULL ORDER BY seq LIMIT ?",
+                    (after, batch),
+                ).fetchall()
+            if not rows:
+                return
+            for seq, photo_id, record, local in rows:
+                yield PendingPhoto(seq, photo_id, json.loads(record).get("image_url"), local)
+            after = rows[-1][0]
 
     def reset_failed(self) -> int:
         """Forget every failed outcome so that those photos are fetched again."""
