@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_anps_commands(commands)
+    _add_fetch_commands(commands)
     _add_filter_command(commands)
     return parser
 
@@ -112,6 +113,22 @@ def _setup_logging(level: int) -> None:
 
 def _count(n: int) -> str:
     return f"{n:,}"
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 # --- vsotools anps ----------------------------------------------------------------------------
@@ -201,6 +218,184 @@ def _anps_stats(args: argparse.Namespace) -> int:
         ("dropped", counts.dropped),
     ):
         print(f"  {name:<10}{_count(n):>{width}}")
+    return 0
+
+
+# --- vsotools fetch, vsotools flickr-server -----------------------------------------------------
+
+
+def _add_fetch_commands(commands: argparse._SubParsersAction) -> None:
+    fetch = commands.add_parser(
+        "fetch",
+        help="crawl Flickr for the recipe's ANPs (or ingest a pairs file) and download the images",
+        description="Search Flickr for each ANP of the manifest that the labelling rule labels,"
+        " record every photo found and download its image; or, with --pairs, ingest an"
+        " image+text pairs file. Writes DATA/metadata/*.parquet, DATA/images/, the resolved"
+        " recipe and DATA/fetch-report.json. Kill it at any moment and rerun the same command"
+        " to continue. The API key comes from FLICKR_API_KEY and FLICKR_API_SECRET, or"
+        " --credentials.",
+    )
+    fetch.add_argument("--out", required=True, type=Path, metavar="DATA", help="dataset folder")
+    fetch.add_argument(
+        "--pairs",
+        type=Path,
+        metavar="FILE",
+        help="ingest this JSONL/CSV/Parquet file of id,text,label,image instead of crawling",
+    )
+    fetch.add_argument("--manifest", type=Path, help="ANP manifest CSV (default: the recipe's)")
+    fetch.add_argument(
+        "--credentials",
+        type=Path,
+        metavar="FILE",
+        help="file of FLICKR_API_KEY=... and FLICKR_API_SECRET=... lines (default: the environment)",
+    )
+    fetch.add_argument("--api-url", metavar="URL", help="Flickr REST endpoint")
+    fetch.add_argument("--search-mode", choices=("text", "tags"), help="text or tag search")
+    fetch.add_argument(
+        "--all-anps",
+        action="store_const",
+        const=True,
+        help="search every ANP, not only those the labelling rule labels",
+    )
+    fetch.add_argument("--per-anp", type=int, metavar="N", help="most photos per ANP")
+    fetch.add_argument(
+        "--licenses",
+        type=_int_list,
+        metavar="IDS",
+        help="only these licence ids, e.g. 1,2,4,5,9,10",
+    )
+    fetch.add_argument("--calls-per-hour", type=int, metavar="N", help="API call budget")
+    fetch.add_argument(
+        "--concurrency", type=int, metavar="N", help="image downloads in flight at once"
+    )
+    fetch.add_argument(
+        "--max-side",
+        type=int,
+        metavar="PX",
+        help="downscale stored images to this longer side (0: keep the served file)",
+    )
+    fetch.add_argument(
+        "--retry-failed", action="store_true", help="fetch again the photos whose image failed"
+    )
+    _add_recipe_arguments(fetch)
+    fetch.set_defaults(run=_fetch)
+
+    server = commands.add_parser(
+        "flickr-server",
+        help="serve a local Flickr-compatible API and image host over a corpus folder",
+        description="Serve DIR/photos.jsonl like Flickr: /services/rest/ (flickr.photos.search,"
+        " flickr.photos.getInfo; JSON and XML) and the images at the url_* addresses it hands"
+        " out. Prints its base URL on the first line, then serves until interrupted. Fault flags"
+        " make it fail a fraction of requests.",
+    )
+    server.add_argument("--corpus", required=True, type=Path, metavar="DIR")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=0, help="0: any free port (default)")
+    server.add_argument(
+        "--invalid-key",
+        metavar="KEY",
+        help="the one API key refused with error 100 (default: invalid-key); any other"
+        " non-empty key is accepted",
+    )
+    server.add_argument("--fail-500", type=_fraction, default=0.0, metavar="F")
+    server.add_argument("--fail-429", type=_fraction, default=0.0, metavar="F")
+    server.add_argument(
+        "--drop", type=_fraction, default=0.0, metavar="F", help="close without answering"
+    )
+    server.add_argument(
+        "--unavailable",
+        type=_fraction,
+        default=0.0,
+        metavar="F",
+        help="API calls answered with the transient codes 201/105/10",
+    )
+    server.add_argument(
+        "--truncated", type=_fraction, default=0.0, metavar="F", help="photos served cut short"
+    )
+    server.add_argument(
+        "--not-image", type=_fraction, default=0.0, metavar="F", help="photos served as HTML"
+    )
+    server.add_argument("--latency", type=float, default=0.0, metavar="SECONDS")
+    server.add_argument("--seed", type=int, default=0, help="seeds the choice of faults")
+    server.add_argument(
+        "--request-log", type=Path, metavar="FILE", help="append each request as a JSON line"
+    )
+    server.set_defaults(run=_flickr_server)
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from vsotools.fetch import fetch
+    from vsotools.flickr.client import load_credentials
+
+    recipe = _resolve_recipe(
+        args,
+        anps__manifest=str(args.manifest) if args.manifest else None,
+        fetch__api_url=args.api_url,
+        fetch__search_mode=args.search_mode,
+        fetch__all_anps=args.all_anps,
+        fetch__per_anp=args.per_anp,
+        fetch__licenses=args.licenses,
+        fetch__calls_per_hour=args.calls_per_hour,
+        fetch__download_concurrency=args.concurrency,
+        fetch__max_side=args.max_side,
+    )
+    credentials = None if args.pairs else load_credentials(args.credentials)
+    report = fetch(
+        recipe,
+        args.out,
+        pairs=args.pairs,
+        credentials=credentials,
+        retry_failed=args.retry_failed,
+        progress=_progress(args),
+    )
+    if report.source == "pairs":
+        print(f"{args.out}: {_count(report.photos)} pairs read")
+    else:
+        print(
+            f"{args.out}: {_count(report.searches)} of {_count(report.anps)} ANPs searched"
+            f" ({_count(report.pages)} result pages), {_count(report.photos)} photos found"
+        )
+    print(f"  downloaded {_count(report.downloaded)}")
+    print(f"  failed     {_count(report.failed)}")
+    for reason, n in report.failed_by_reason.items():
+        print(f"    {reason:<20}{_count(n)}")
+    print(f"report: {args.out / 'fetch-report.json'}")
+    return 0
+
+
+def _flickr_server(args: argparse.Namespace) -> int:
+    from vsotools.flickr import server
+
+    try:
+        faults = server.Faults(
+            error_500=args.fail_500,
+            error_429=args.fail_429,
+            drop=args.drop,
+            unavailable=args.unavailable,
+            truncated=args.truncated,
+            not_image=args.not_image,
+            latency=args.latency,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise VsoError(f"flickr-server: {exc}") from None
+    httpd = server.make_server(
+        args.corpus,
+        args.host,
+        args.port,
+        faults=faults,
+        invalid_key=args.invalid_key or server.DEFAULT_INVALID_KEY,
+        request_log=args.request_log,
+    )
+    print(httpd.base_url, flush=True)
+    print(f"REST endpoint: {httpd.api_url}", flush=True)
+    print(f"serving {_count(len(httpd.corpus.by_id))} photos from {args.corpus}", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
     return 0
 
 

@@ -57,12 +57,17 @@ class AnpsConfig:
 
 @dataclass
 class FetchConfig:
-    """How ``vsotools fetch`` searches Flickr and downloads images."""
+    """How ``vsotools fetch`` searches Flickr and downloads, validates and stores images."""
 
+    # --- the Flickr API ---
     api_url: str = "https://api.flickr.com/services/rest/"
     """Flickr REST endpoint; point it at ``vsotools flickr-server`` for offline runs."""
+    api_format: Literal["json", "xml"] = "json"
+    """Response format asked of the API (flickrapi's ``parsed-json`` or ``etree``)."""
     search_mode: Literal["text", "tags"] = "text"
     """``text``: free-text search of the ANP's two words; ``tags``: ``tags=adj,noun&tag_mode=all``."""
+    all_anps: bool = False
+    """Search every ANP of the manifest; by default only those the labelling rule labels."""
     per_anp: int = 1000
     """Most photos recorded per ANP."""
     per_page: int = 500
@@ -82,17 +87,90 @@ class FetchConfig:
     )
     """Extra fields asked of ``flickr.photos.search``."""
     sizes: list[str] = field(default_factory=lambda: ["url_z", "url_m", "url_l"])
-    """Image renditions to download, in order of preference; the first one a photo has wins."""
+    """Image renditions to download, in order of preference; the first one a photo has wins
+    (they are asked of the search as extras too)."""
     licenses: list[int] = field(default_factory=list)
     """Only photos under these licence ids (e.g. 1,2,4,5,9,10 for CC and public domain); empty: any."""
     calls_per_hour: int = 3600
     """API call budget per key (a token bucket); Flickr's documented quota is 3,600."""
+    calls_burst: int = 10
+    """Most API calls made back to back before the hourly rate applies (the bucket's size)."""
+    api_timeout: float = 60.0
+    """Seconds to wait for one API response."""
+    api_retries: int = 8
+    """Retries of an API call after a transient failure (429, 5xx, timeout, codes 10/105/201)."""
+
+    # --- the image downloader ---
+    download_concurrency: int = 32
+    """Image downloads in flight at once (threads sharing pooled HTTP connections)."""
+    download_timeout: float = 30.0
+    """Seconds to wait for an image server to connect or to send more bytes."""
+    download_retries: int = 8
+    """Retries of an image download after a transient failure (429, 5xx, timeout, reset)."""
+    backoff_base: float = 0.5
+    """Nominal first retry delay in seconds, doubled on each retry; each delay is drawn between
+    half and all of its nominal value (jitter)."""
+    backoff_max: float = 60.0
+    """Longest retry delay in seconds."""
+    allowed_hosts: list[str] = field(default_factory=lambda: ["*.staticflickr.com"])
+    """Image hosts that may be contacted (``*.`` matches subdomains; ``*`` any); the API host is
+    always allowed."""
+    min_side: int = 32
+    """Images narrower or lower than this many pixels are rejected (``too_small``)."""
+    max_pixels: int = 40_000_000
+    """Images with more pixels are rejected before decoding (``too_many_pixels``)."""
+    max_bytes: int = 30_000_000
+    """Images larger than this many bytes are rejected (``too_large``)."""
+    max_side: int = 0
+    """Downscale images whose longer side exceeds this many pixels before storing them (JPEG);
+    0 stores the served file unchanged."""
+    jpeg_quality: int = 90
+    """JPEG quality of images downscaled at download time."""
+    part_size: int = 1000
+    """Photos per metadata part file and per image folder (``images/{part:05d}/``)."""
 
     def validate(self) -> None:
+        _check(
+            self.api_url.startswith(("http://", "https://")),
+            "fetch.api_url",
+            f"must be an http(s) URL, got {self.api_url!r}",
+        )
         _check(self.per_anp > 0, "fetch.per_anp", "must be positive")
         _check(1 <= self.per_page <= 500, "fetch.per_page", "must be between 1 and 500")
         _check(self.calls_per_hour > 0, "fetch.calls_per_hour", "must be positive")
+        _check(self.calls_burst > 0, "fetch.calls_burst", "must be positive")
+        _check(self.api_timeout > 0, "fetch.api_timeout", "must be positive")
+        _check(self.api_retries >= 0, "fetch.api_retries", "must not be negative")
         _check(bool(self.sizes), "fetch.sizes", "must name at least one size (e.g. url_z)")
+        for i, size in enumerate(self.sizes):
+            _check(
+                size.startswith("url_"),
+                f"fetch.sizes[{i}]",
+                f"{size!r} is not a size extra (url_m, url_z, url_l, ...)",
+            )
+        _check(
+            all(0 <= lic <= 99 for lic in self.licenses), "fetch.licenses", "must be licence ids"
+        )
+        _check(self.download_concurrency > 0, "fetch.download_concurrency", "must be positive")
+        _check(self.download_timeout > 0, "fetch.download_timeout", "must be positive")
+        _check(self.download_retries >= 0, "fetch.download_retries", "must not be negative")
+        _check(self.backoff_base >= 0, "fetch.backoff_base", "must not be negative")
+        _check(
+            self.backoff_max >= self.backoff_base,
+            "fetch.backoff_max",
+            "must be at least fetch.backoff_base",
+        )
+        _check(self.min_side > 0, "fetch.min_side", "must be positive")
+        _check(self.max_pixels > 0, "fetch.max_pixels", "must be positive")
+        _check(self.max_bytes > 0, "fetch.max_bytes", "must be positive")
+        _check(self.max_side >= 0, "fetch.max_side", "must not be negative (0: no downscaling)")
+        _check(
+            self.max_side == 0 or self.max_side >= self.min_side,
+            "fetch.max_side",
+            f"must be at least fetch.min_side ({self.min_side}) or 0",
+        )
+        _check(1 <= self.jpeg_quality <= 100, "fetch.jpeg_quality", "must be between 1 and 100")
+        _check(self.part_size > 0, "fetch.part_size", "must be positive")
 
 
 @dataclass
