@@ -47,17 +47,3 @@ def test_sample_keys_are_safe(photo_id, key):
 def test_labels():
     assert schema.LABEL_NAMES[schema.NEGATIVE] == "negative"
     assert schema.LABEL_NAMES[schema.POSITIVE] == "positive"
-
-
-def test_atomic_writes_get_the_usual_file_mode(tmp_path):
-    import os
-    import stat
-
-    from vsotools.atomic import atomic_write_text
-
-    atomic_write_text(tmp_path / "a.txt", "hello")
-    mask = os.umask(0o022)
-    os.umask(mask)
-    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~mask
-    assert (tmp_path / "a.txt").read_text() == "hello"
-    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"], "no temporary file left"
