@@ -7,11 +7,14 @@ started on 127.0.0.1.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
 import os
 import random
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -27,6 +30,7 @@ from PIL import Image
 from shard_inputs import make_dataset, write_filtered
 
 from vsotools import shards
+from vsotools.cli import build_parser
 from vsotools.config import Recipe, load_recipe
 from vsotools.schema import (
     LABEL_NAMES,
@@ -393,6 +397,15 @@ def test_too_few_train_shards_for_the_readers_is_warned(data, tmp_path, caplog):
     assert "some readers would get no shard" in caplog.text
 
 
+def test_the_progress_bar_counts_samples_and_shards(data, tmp_path, capsys):
+    root, records = data
+    recipe = Recipe().override({"shard.image_size": 32, "shard.maxcount": 50, "shard.workers": 2})
+    report = shards.write_shards(recipe, root, tmp_path / "set", progress=True)
+    bar = capsys.readouterr().err
+    total = sum(s.shards for s in report.splits.values())
+    assert f"{len(records)}/{len(records)}" in bar and f"shards {total}/{total}" in bar
+
+
 # --- a run killed midway, then rerun -------------------------------------------------------------
 
 
@@ -572,3 +585,43 @@ def test_s3_urls_without_s3fs_name_the_extra(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1
     assert "pip install 'vsotools[s3]'" in result.stderr
+
+
+# --- the documentation ----------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "shard.md"
+
+
+def _code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", DOCS.read_text("utf-8"), re.DOTALL)
+
+
+def test_every_documented_example_runs(cli, s3_server, tmp_path, monkeypatch):
+    import s3fs
+
+    make_dataset(tmp_path / "data" / "vso", 40, seed=11)
+    (tmp_path / "pipelines").symlink_to(DOCS.parents[1] / "pipelines")
+    s3fs.S3FileSystem().mkdir("my-bucket")
+    monkeypatch.chdir(tmp_path)
+    commands = [
+        line
+        for block in _code_blocks("sh")
+        for line in block.splitlines()
+        if line.startswith("vsotools ")
+    ]
+    assert len(commands) >= 6
+    for command in commands:  # the S3 ones reach the moto server through AWS_ENDPOINT_URL
+        result = cli(*shlex.split(command)[1:])
+        assert result.code == 0, f"{command}: {result.err}"
+    for block in _code_blocks("python"):
+        exec(compile(block, str(DOCS), "exec"), {})
+
+
+def test_every_option_is_documented():
+    text = DOCS.read_text("utf-8")
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("shard", "verify"):
+        for action in commands.choices[name]._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    assert option in text, f"vsotools {name} {option} is not in {DOCS.name}"

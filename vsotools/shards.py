@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import multiprocessing
+import queue
 import random
 import re
 import statistics
@@ -35,6 +36,7 @@ import tarfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -475,16 +477,16 @@ def _json_bytes(obj: Any) -> bytes:
 _progress_queue: Any = None
 
 
-def _init_worker(queue: Any) -> None:
+def _init_worker(progress_queue: Any) -> None:
     global _progress_queue
-    _progress_queue = queue
+    _progress_queue = progress_queue
 
 
 class _QueueCounter:
     """``on_record`` for a worker process: reports to the parent's progress bar in batches."""
 
-    def __init__(self, queue: Any, every: int = 16) -> None:
-        self.queue, self.every, self.pending = queue, every, 0
+    def __init__(self, progress_queue: Any, every: int = 16) -> None:
+        self.queue, self.every, self.pending = progress_queue, every, 0
 
     def __call__(self, n: int) -> None:
         self.pending += n
@@ -537,12 +539,15 @@ def _run_in_pool(
 ) -> None:
     # spawn, not fork: the parent may hold threads (Arrow's pool, s3fs's event loop).
     context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
+    progress_queue = context.Queue()
     # Largest parts first, so that the processes run out of work at about the same time.
     todo = iter(sorted(parts, key=lambda part: -len(part.rows)))
     pending: set[Future[PartResult]] = set()
     pool = ProcessPoolExecutor(
-        min(workers, len(parts)), mp_context=context, initializer=_init_worker, initargs=(queue,)
+        min(workers, len(parts)),
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(progress_queue,),
     )
     try:
 
@@ -557,11 +562,17 @@ def _run_in_pool(
             submit_next()
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            _drain(queue, bar)
+            _drain(progress_queue, bar)
             for future in done:
                 finished(future.result())
                 submit_next()
-        _drain(queue, bar)
+        _drain(progress_queue, bar)
+    except BrokenProcessPool:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise ShardError(
+            "a shard writer process died (out of memory? killed?); rerun the same command to"
+            " finish the set"
+        ) from None
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
@@ -569,11 +580,11 @@ def _run_in_pool(
         pool.shutdown(wait=True)
 
 
-def _drain(queue: Any, bar: tqdm) -> None:
+def _drain(progress_queue: Any, bar: tqdm) -> None:
     while True:
         try:
-            bar.update(queue.get_nowait())
-        except Exception:  # queue.Empty
+            bar.update(progress_queue.get_nowait())
+        except queue.Empty:
             return
 
 
@@ -665,10 +676,10 @@ def _previous_state(
 
     Refuses, unless ``overwrite``, a location holding a set or shard files of another build.
     """
-    manifest = _read_json(location, MANIFEST_NAME)
-    job = _read_json(location, JOB_NAME)
     if overwrite:
         return None
+    manifest = _read_json(location, MANIFEST_NAME)
+    job = _read_json(location, JOB_NAME)
     if manifest is not None:
         previous = ShardManifest.from_json(manifest, location.url_of(MANIFEST_NAME))
         if previous.build.get("fingerprint") == build["fingerprint"]:
@@ -676,6 +687,8 @@ def _previous_state(
         raise ShardError(_refusal(location, "a complete shard set", previous.build, build))
     if job is not None:
         if job.get("fingerprint") == build["fingerprint"]:
+            if not isinstance(job.get("shards"), dict):
+                raise ShardError(f"{location.url_of(JOB_NAME)}: malformed; pass --overwrite")
             return job
         raise ShardError(_refusal(location, "an unfinished shard set", job, build))
     strays = [name for name in location.list() if is_shard_name(name)]

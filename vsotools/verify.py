@@ -162,7 +162,9 @@ def check_shard(
     if len(keys) != info.samples:
         problem(f"{len(keys):,} samples, the manifest says {info.samples:,}")
     if dict(labels) != {k: v for k, v in info.labels.items() if v}:
-        problem(f"labels {dict(sorted(labels.items()))}, the manifest says {info.labels}")
+        problem(
+            f"labels {dict(sorted(labels.items()))}, the manifest says {dict(sorted(info.labels.items()))}"
+        )
     return ShardCheck(info.name, split, keys, problems)
 
 
