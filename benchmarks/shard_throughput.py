@@ -10,7 +10,8 @@ in --data and reused), then, pinned to --cores CPUs, alternates for --repeats ro
 - shard: the real command, ``vsotools shard DATA --out TMP --workers CORES``, timed from the
   start of the process to its exit (interpreter start-up, planning and the manifest included).
 
-Prints the median samples/s of each and the ratio floor/shard (the goal is at most 1.3).
+Prints the median samples/s of each and the ratio floor/shard (the goal is at most 1.3), and the
+same ratio in CPU seconds per sample, which other processes competing for the cores disturb less.
 
     .venv/bin/python benchmarks/shard_throughput.py --images 3000 --cores 2
 """
@@ -22,6 +23,7 @@ import io
 import multiprocessing
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -89,7 +91,9 @@ def make_dataset(root: Path, count: int, workers: int) -> list[Path]:
     return paths
 
 
-def reencode(paths: list[str], size: int, draft: bool) -> int:
+def reencode(paths: list[str], size: int, draft: bool) -> float:
+    """CPU seconds this process spent re-encoding ``paths``."""
+    start = time.process_time()
     for path in paths:
         data = Path(path).read_bytes()
         if draft:
@@ -97,29 +101,33 @@ def reencode(paths: list[str], size: int, draft: bool) -> int:
         else:
             picture = images.load_rgb(data)
         images.encode_jpeg(images.resize_shorter_side(picture, size), 90)
-    return len(paths)
+    return time.process_time() - start
 
 
-def floor(paths: list[Path], cores: int, size: int, draft: bool) -> float:
-    """Seconds for ``cores`` processes to re-encode ``paths``, once the processes are up."""
+def floor(paths: list[Path], cores: int, size: int, draft: bool) -> tuple[float, float]:
+    """Wall and CPU seconds for ``cores`` processes to re-encode ``paths``, once they are up."""
     chunks = [[str(p) for p in paths[i::cores]] for i in range(cores)]
     with multiprocessing.get_context("spawn").Pool(cores) as pool:
         pool.starmap(reencode, [([str(paths[0])], size, draft)] * cores)  # warm up
         start = time.perf_counter()
-        pool.starmap(reencode, [(chunk, size, draft) for chunk in chunks])
-        return time.perf_counter() - start
+        cpu = pool.starmap(reencode, [(chunk, size, draft) for chunk in chunks])
+        return time.perf_counter() - start, sum(cpu)
 
 
-def shard_command(data: Path, cores: int, size: int) -> float:
-    """Seconds of one ``vsotools shard`` run, process start to exit."""
+def shard_command(data: Path, cores: int, size: int) -> tuple[float, float]:
+    """Wall and CPU seconds of one ``vsotools shard`` run (its workers included), start to exit."""
     out = Path(tempfile.mkdtemp(prefix="vsotools-bench-"))
     exe = Path(sys.executable).with_name("vsotools")
     command = [str(exe), "-q", "shard", str(data), "--out", str(out / "set")]
     command += ["--workers", str(cores), "--image-size", str(size)]
     try:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        return time.perf_counter() - start
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return wall, cpu
     finally:
         shutil.rmtree(out)
 
@@ -141,18 +149,25 @@ def main() -> None:
     megapixels = sum(Image.open(p).width * Image.open(p).height for p in paths) / 1e6
     print(f"{len(paths)} JPEGs, {megapixels / len(paths):.2f} Mpx each on average, in {data}")
 
-    times: dict[str, list[float]] = {"floor": [], "naive floor": [], "vsotools shard": []}
+    runs: dict[str, list[tuple[float, float]]] = {"floor": [], "vsotools shard": []}
     for _ in range(args.repeats):
-        times["floor"].append(floor(paths, args.cores, args.image_size, draft=True))
-        times["vsotools shard"].append(shard_command(data, args.cores, args.image_size))
-        times["naive floor"].append(floor(paths, args.cores, args.image_size, draft=False))
-    rate = {name: len(paths) / statistics.median(t) for name, t in times.items()}
-    for name, seconds in times.items():
-        runs = ", ".join(f"{t:.2f}" for t in seconds)
-        print(f"{name:<15} {rate[name]:8.1f} samples/s   (runs: {runs} s)")
+        runs["floor"].append(floor(paths, args.cores, args.image_size, draft=True))
+        runs["vsotools shard"].append(shard_command(data, args.cores, args.image_size))
+    runs["naive floor"] = [floor(paths, args.cores, args.image_size, draft=False)]
+    rate, cpu_ms = {}, {}
+    for name, measured in runs.items():
+        rate[name] = len(paths) / statistics.median(wall for wall, _ in measured)
+        cpu_ms[name] = 1000 * statistics.median(cpu for _, cpu in measured) / len(paths)
+        walls = ", ".join(f"{wall:.2f}" for wall, _ in measured)
+        print(
+            f"{name:<15} {rate[name]:7.1f} samples/s {cpu_ms[name]:6.2f} CPU ms/sample"
+            f"   (wall: {walls} s)"
+        )
     print(
-        f"ratio floor / vsotools shard: {rate['floor'] / rate['vsotools shard']:.2f} (goal <= 1.3)"
+        f"ratio floor / vsotools shard: {rate['floor'] / rate['vsotools shard']:.2f} in samples/s"
+        f" (goal <= 1.3), {cpu_ms['vsotools shard'] / cpu_ms['floor']:.2f} in CPU per sample"
     )
+    print(f"load average after the runs: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

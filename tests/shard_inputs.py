@@ -74,7 +74,8 @@ def make_dataset(
     """Write ``n`` photos under ``root/images`` and ``root/filtered.parquet``; return the records.
 
     Records are sorted by ANP then owner, as a crawl would group them, so that the shard stage
-    has something to shuffle. Every seventh id carries characters a sample key must replace.
+    has something to shuffle. Every seventh id carries characters a sample key must replace, and
+    one is longer than a plain tar header holds.
     """
     rng = random.Random(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -83,6 +84,8 @@ def make_dataset(
         label = int(rng.random() < positive_share)
         anp = f"{'happy' if label else 'sad'}_{rng.choice(['dog', 'sky', 'face', 'car'])}"
         photo_id = f"pairs/{i}.x" if i % 7 == 3 else str(5_000_000 + i)
+        if i == 10:
+            photo_id = f"{'long-id-' * 15}{i}"  # a member name past the 100 bytes of a tar header
         extension, data = image_bytes(kinds[i % len(kinds)], rng)
         image_path = f"images/{i:05d}.{extension}"
         (root / image_path).write_bytes(data)

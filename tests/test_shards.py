@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import webdataset
 from conftest import run_vsotools
@@ -111,6 +112,7 @@ def test_shard_counts_and_balanced_cuts():
     runs = shards.cut_balanced(list(range(95)), 10)
     assert [len(r) for r in runs] == [10] * 5 + [9] * 5
     assert [i for r in runs for i in r] == list(range(95))
+    assert shards.cut_balanced([], 0) == []
 
 
 # --- a written set, read back -------------------------------------------------------------------
@@ -177,12 +179,18 @@ def test_plain_webdataset_reads_the_set(data, shard_set):
         assert set(keys) == expected
 
 
-def test_the_system_tar_lists_the_shards(shard_set):
-    shard = sorted(shard_set.glob("train-*.tar"))[0]
-    listing = subprocess.run(["tar", "tf", shard], capture_output=True, text=True, check=True)
-    names = listing.stdout.split()
-    assert len(names) == 4 * read_manifest(shard_set).shards("train")[0].samples
+def test_the_system_tar_lists_the_shards(data, shard_set):
+    _, records = data
+    names = []
+    for shard in sorted(shard_set.glob("*.tar")):
+        listing = subprocess.run(["tar", "tf", shard], capture_output=True, text=True, check=True)
+        names += listing.stdout.split()
+    assert len(names) == 4 * len(records)
     assert {name.partition(".")[2] for name in names} == set(SAMPLE_EXTENSIONS)
+    assert {name.partition(".")[0] for name in names} == {
+        sample_key(r["photo_id"]) for r in records
+    }
+    assert max(len(name) for name in names) > 100
 
 
 def test_manifest_and_recipe_record_the_configuration(shard_set):
@@ -374,6 +382,17 @@ def test_missing_input_and_bad_output_location_fail_with_one_line(cli, data, tmp
     under_file = cli("shard", root, "--out", a_file / "set")
     assert under_file.code == 1 and "cannot create the output folder" in under_file.err
     assert cli("shard", root, "--out", tmp_path / "s", "--maxcount", "0").code == 1
+
+
+def test_a_dataset_without_test_photos_makes_a_train_only_set(tmp_path):
+    root = tmp_path / "data"
+    make_dataset(root, 12, seed=2, test_every=10**6)  # only row 0 is test: drop it
+    records = [r for r in pq.read_table(root / "filtered.parquet").to_pylist()]
+    write_filtered(root, [r for r in records if r["split"] == "train"])
+    recipe = Recipe().override({"shard.image_size": 32, "shard.workers": 1, "shard.readers": 2})
+    report = shards.write_shards(recipe, root, tmp_path / "set")
+    assert list(report.splits) == ["train"] and report.splits["train"].samples == 11
+    assert list(read_manifest(tmp_path / "set").splits) == ["train"]
 
 
 def test_maxsize_bounds_shard_bytes(data, tmp_path):

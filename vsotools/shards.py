@@ -147,41 +147,45 @@ def read_filtered(data_dir: Path) -> pa.Table:
 
 def check_records(table: pa.Table, where: str) -> None:
     """Refuse rows that cannot become samples, and two photos that would share a sample key."""
-    ids = table.column("photo_id").to_pylist()
-    columns = {
-        name: table.column(name).to_pylist()
-        for name in ("split", "label", "label_name", "image_path", "text")
-    }
+    names = ("photo_id", "split", "label", "label_name", "image_path", "text")
+    columns = [table.column(name).to_pylist() for name in names]
     row_of_key: dict[str, int] = {}
-    for row, photo_id in enumerate(ids):
-        split, label = columns["split"][row], columns["label"][row]
-        problem = None
-        if photo_id is None or photo_id == "":
-            problem = "empty photo_id"
-        elif split not in SPLITS:
-            problem = f"split {split!r} is not one of {', '.join(SPLITS)}"
-        elif label not in range(len(LABEL_NAMES)):
-            problem = f"label {label!r} is not 0 or 1"
-        elif columns["label_name"][row] != LABEL_NAMES[label]:
-            problem = f"label_name {columns['label_name'][row]!r} does not match label {label}"
-        elif not columns["image_path"][row]:
-            problem = "no image_path"
-        elif columns["text"][row] is None:
-            problem = "no text"
+    for row, values in enumerate(zip(*columns, strict=True)):
+        record = dict(zip(names, values, strict=True))
+        problem = _record_problem(record)
+        if problem is None:
+            first = row_of_key.setdefault(sample_key(record["photo_id"]), row)
+            problem = _key_problem(record["photo_id"], first, columns[0][first], row)
         if problem:
-            raise ShardError(f"{where}: row {row} (photo {photo_id!r}): {problem}")
-        key = sample_key(photo_id)
-        first = row_of_key.setdefault(key, row)
-        if first != row:
-            other = ids[first]
-            if other == photo_id:
-                problem = f"the same photo id as row {first}"
-            else:
-                problem = (
-                    f"its sample key {key!r} is also that of photo {other!r} (row {first});"
-                    " every sample needs its own key"
-                )
-            raise ShardError(f"{where}: row {row} (photo {photo_id!r}): {problem}")
+            raise ShardError(f"{where}: row {row} (photo {record['photo_id']!r}): {problem}")
+
+
+def _record_problem(record: Mapping[str, Any]) -> str | None:
+    label = record["label"]
+    if not record["photo_id"]:
+        return "empty photo_id"
+    if record["split"] not in SPLITS:
+        return f"split {record['split']!r} is not one of {', '.join(SPLITS)}"
+    if label not in range(len(LABEL_NAMES)):
+        return f"label {label!r} is not 0 or 1"
+    if record["label_name"] != LABEL_NAMES[label]:
+        return f"label_name {record['label_name']!r} does not match label {label}"
+    if not record["image_path"]:
+        return "no image_path"
+    if record["text"] is None:
+        return "no text"
+    return None
+
+
+def _key_problem(photo_id: str, first_row: int, first_id: str, row: int) -> str | None:
+    if first_row == row:
+        return None
+    if first_id == photo_id:
+        return f"the same photo id as row {first_row}"
+    return (
+        f"its sample key {sample_key(photo_id)!r} is also that of photo {first_id!r}"
+        f" (row {first_row}); every sample needs its own key"
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -224,6 +228,8 @@ def shard_count(samples: int, per_shard: int, at_least: int = 1) -> int:
 
 def cut_balanced(items: Sequence[int], parts: int) -> list[list[int]]:
     """``items`` cut into ``parts`` consecutive runs whose lengths differ by at most one."""
+    if parts == 0:
+        return []
     size, extra = divmod(len(items), parts)
     runs, start = [], 0
     for part in range(parts):
