@@ -8,6 +8,7 @@ started on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -445,8 +446,17 @@ def test_a_run_killed_midway_is_finished_by_a_rerun(cli, tmp_path):
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)
+    workers = _children(process.pid)
+    assert len(workers) >= 2
+    os.kill(process.pid, signal.SIGKILL)  # the command only, as the OOM killer would
     process.wait()
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    orphans = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # whatever else the session still holds
+    assert not orphans, "writer processes outlived the killed command"
     assert not (out / MANIFEST_NAME).exists()
     left = {p.name: _sha256(p) for p in out.glob("*.tar")}
     assert 3 <= len(left) < 40
@@ -465,6 +475,17 @@ def test_a_run_killed_midway_is_finished_by_a_rerun(cli, tmp_path):
     assert finished.splits == reference.splits
     final = {s.name: s.sha256 for split in finished.splits for s in finished.shards(split)}
     assert all(final[name] == sha for name, sha in left.items())
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                children.append(int(stat.parent.name))
+    return children
 
 
 # --- real photos ---------------------------------------------------------------------------------

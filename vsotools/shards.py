@@ -28,11 +28,14 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import queue
 import random
 import re
 import statistics
 import tarfile
+import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -486,6 +489,19 @@ _progress_queue: Any = None
 def _init_worker(progress_queue: Any) -> None:
     global _progress_queue
     _progress_queue = progress_queue
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker when the process that started it is gone (killed, out of memory).
+
+    A pool worker otherwise waits for work forever; an unfinished shard is only a temporary
+    file, which the next run removes.
+    """
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 class _QueueCounter:
