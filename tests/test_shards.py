@@ -451,9 +451,9 @@ def test_a_run_killed_midway_is_finished_by_a_rerun(cli, tmp_path):
     os.kill(process.pid, signal.SIGKILL)  # the command only, as the OOM killer would
     process.wait()
     deadline = time.monotonic() + 20
-    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+    while any(map(_running, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    orphans = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    orphans = [pid for pid in workers if _running(pid)]
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)  # whatever else the session still holds
     assert not orphans, "writer processes outlived the killed command"
@@ -477,15 +477,23 @@ def test_a_run_killed_midway_is_finished_by_a_rerun(cli, tmp_path):
     assert all(final[name] == sha for name, sha in left.items())
 
 
+def _stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (state, parent, ...); [] when gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def _children(pid: int) -> list[int]:
-    """Process ids whose parent is ``pid`` (from /proc)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                children.append(int(stat.parent.name))
-    return children
+    """Process ids whose parent is ``pid``."""
+    pids = (int(path.name) for path in Path("/proc").iterdir() if path.name.isdigit())
+    return [child for child in pids if _stat(child)[1:2] == [str(pid)]]
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is alive; an exited process the container has not reaped yet is not."""
+    return _stat(pid)[:1] not in ([], ["Z"], ["X"])
 
 
 # --- real photos ---------------------------------------------------------------------------------

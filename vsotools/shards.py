@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -37,7 +38,7 @@ import tarfile
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -486,10 +487,11 @@ def _json_bytes(obj: Any) -> bytes:
 _progress_queue: Any = None
 
 
-def _init_worker(progress_queue: Any) -> None:
+def _init_worker(progress_queue: Any, parent: int) -> None:
     global _progress_queue
     _progress_queue = progress_queue
-    parent = os.getppid()
+    # ``parent`` comes from the parent itself: had it died while this process was starting,
+    # os.getppid() would already name whichever process adopted this one.
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
@@ -507,8 +509,8 @@ def _exit_with_parent(parent: int) -> None:
 class _QueueCounter:
     """``on_record`` for a worker process: reports to the parent's progress bar in batches."""
 
-    def __init__(self, progress_queue: Any, every: int = 16) -> None:
-        self.queue, self.every, self.pending = progress_queue, every, 0
+    def __init__(self, progress_queue: Any, part: str, every: int = 16) -> None:
+        self.queue, self.part, self.every, self.pending = progress_queue, part, every, 0
 
     def __call__(self, n: int) -> None:
         self.pending += n
@@ -517,16 +519,36 @@ class _QueueCounter:
 
     def flush(self) -> None:
         if self.pending and self.queue is not None:
-            self.queue.put(self.pending)
+            self.queue.put((self.part, self.pending))
         self.pending = 0
 
 
 def _write_shard_in_worker(job: ShardJob, part: Part, table: pa.Table) -> PartResult:
-    counter = _QueueCounter(_progress_queue)
+    counter = _QueueCounter(_progress_queue, part.name)
     try:
         return write_shard(job, part, table.to_pylist(), counter)
     finally:
         counter.flush()
+
+
+class _Progress:
+    """The progress bar: records processed, shards done; exact in whatever order reports come."""
+
+    def __init__(self, bar: tqdm, parts: Sequence[Part]) -> None:
+        self.bar = bar
+        self.sizes = {part.name: len(part.rows) for part in parts}
+        self.reported: Counter[str] = Counter()
+        self.done: set[str] = set()
+
+    def records(self, part: str, n: int) -> None:
+        if part not in self.done:  # a late report of a finished part is already counted
+            self.reported[part] += n
+            self.bar.update(n)
+
+    def shard_done(self, part: str) -> None:
+        self.done.add(part)
+        self.bar.update(self.sizes[part] - self.reported[part])
+        self.bar.set_postfix_str(f"shards {len(self.done)}/{len(self.sizes)}")
 
 
 def run_parts(
@@ -536,29 +558,24 @@ def run_parts(
     total = sum(len(part.rows) for part in parts)
     results: dict[str, PartResult] = {}
     with tqdm(total=total, unit="img", desc="shard", disable=not progress) as bar:
-
-        def finished(result: PartResult) -> None:
-            results[result.name] = result
-            bar.set_postfix_str(f"shards {len(results)}/{len(parts)}")
-
+        tracker = _Progress(bar, parts)
         if workers == 1 or len(parts) <= 1:
             for part in parts:
-                finished(
-                    write_shard(job, part, table.take(list(part.rows)).to_pylist(), bar.update)
-                )
+                records = table.take(list(part.rows)).to_pylist()
+                on_record = functools.partial(tracker.records, part.name)
+                results[part.name] = write_shard(job, part, records, on_record)
+                tracker.shard_done(part.name)
         else:
-            _run_in_pool(job, table, parts, workers, bar, finished)
+            for result in _run_in_pool(job, table, parts, workers, tracker):
+                results[result.name] = result
+                tracker.shard_done(result.name)
     return [results[part.name] for part in parts]
 
 
 def _run_in_pool(
-    job: ShardJob,
-    table: pa.Table,
-    parts: Sequence[Part],
-    workers: int,
-    bar: tqdm,
-    finished: Callable[[PartResult], None],
-) -> None:
+    job: ShardJob, table: pa.Table, parts: Sequence[Part], workers: int, tracker: _Progress
+) -> Iterator[PartResult]:
+    """Results of ``parts`` as the worker processes finish them."""
     # spawn, not fork: the parent may hold threads (Arrow's pool, s3fs's event loop).
     context = multiprocessing.get_context("spawn")
     progress_queue = context.Queue()
@@ -569,26 +586,25 @@ def _run_in_pool(
         min(workers, len(parts)),
         mp_context=context,
         initializer=_init_worker,
-        initargs=(progress_queue,),
+        initargs=(progress_queue, os.getpid()),
     )
+
+    def submit_next() -> None:
+        # A few parts in flight at a time: each carries its slice of the table.
+        part = next(todo, None)
+        if part is not None:
+            rows = table.take(list(part.rows))
+            pending.add(pool.submit(_write_shard_in_worker, job, part, rows))
+
     try:
-
-        def submit_next() -> None:
-            # A few parts in flight at a time: each carries its slice of the table.
-            part = next(todo, None)
-            if part is not None:
-                rows = table.take(list(part.rows))
-                pending.add(pool.submit(_write_shard_in_worker, job, part, rows))
-
         for _ in range(2 * workers):
             submit_next()
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            _drain(progress_queue, bar)
+            _drain(progress_queue, tracker)
             for future in done:
-                finished(future.result())
+                yield future.result()
                 submit_next()
-        _drain(progress_queue, bar)
     except BrokenProcessPool:
         pool.shutdown(wait=False, cancel_futures=True)
         raise ShardError(
@@ -602,12 +618,13 @@ def _run_in_pool(
         pool.shutdown(wait=True)
 
 
-def _drain(progress_queue: Any, bar: tqdm) -> None:
+def _drain(progress_queue: Any, tracker: _Progress) -> None:
     while True:
         try:
-            bar.update(progress_queue.get_nowait())
+            part, n = progress_queue.get_nowait()
         except queue.Empty:
             return
+        tracker.records(part, n)
 
 
 # --- the set: planning, resuming, the manifest ----------------------------------------------------
