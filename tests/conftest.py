@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -40,6 +41,13 @@ def cli(capsys: pytest.CaptureFixture[str]):
             code = main([str(a) for a in args])
         except SystemExit as exc:  # argparse usage errors, --help, --version
             code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            # main() binds the "vsotools" logger to this test's captured stderr; unbind it so
+            # that later tests neither log to a closed stream nor miss records in caplog.
+            logger = logging.getLogger("vsotools")
+            logger.handlers.clear()
+            logger.propagate = True
+            logger.setLevel(logging.NOTSET)
         captured = capsys.readouterr()
         return CliResult(code, captured.out, captured.err)
 

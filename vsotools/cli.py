@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vsotools import __version__, anps, schema
+from vsotools import __version__, anps, schema, shards, verify
 from vsotools import filter as filtering
 from vsotools.config import Recipe, load_recipe
-from vsotools.errors import VsoError
+from vsotools.errors import ConfigError, VsoError
 
 log = logging.getLogger("vsotools")
 
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_anps_commands(commands)
     _add_fetch_commands(commands)
     _add_filter_command(commands)
+    _add_shard_commands(commands)
     return parser
 
 
@@ -129,6 +130,20 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
         ) from None
+
+
+def _byte_size(text: str) -> int:
+    """A size in bytes, with an optional decimal suffix: 500000000, 500MB, 1.5G, 64k."""
+    units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    number = text.strip().upper().removesuffix("B")
+    unit = number[-1:] if number[-1:] in units else ""
+    try:
+        value = float(number.removesuffix(unit)) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive size: {text!r}")
+    return int(value)
 
 
 # --- vsotools anps ----------------------------------------------------------------------------
@@ -501,3 +516,139 @@ def _print_filter_report(report: filtering.FilterReport, recipe: Recipe) -> None
     )
     print(f"test fraction asked {cfg.test_fraction:g}; reached: {fractions or 'n/a'}")
     print(f"group by {cfg.group_by}, seed {cfg.seed}, {report.seconds:.1f} s")
+
+
+# --- vsotools shard, vsotools verify ----------------------------------------------------------
+
+
+def _add_shard_commands(commands: argparse._SubParsersAction) -> None:
+    shard = commands.add_parser(
+        "shard",
+        help="write the filtered dataset as WebDataset tar shards",
+        description="Write DATA/filtered.parquet and its images as WebDataset tar shards,"
+        " SHARDS/{train,test}-NNNNNN.tar, with SHARDS/manifest.json written last. Rerun the"
+        " same command to finish an interrupted run.",
+    )
+    shard.add_argument("data", type=Path, help="dataset folder with filtered.parquet and images")
+    shard.add_argument(
+        "--out",
+        required=True,
+        metavar="SHARDS",
+        help="output folder, or an fsspec URL such as s3://bucket/prefix",
+    )
+    shard.add_argument("--image-size", type=int, metavar="PX", help="shorter side of the images")
+    shard.add_argument("--quality", type=int, help="JPEG quality of the re-encoded images")
+    shard.add_argument("--maxcount", type=int, metavar="N", help="most samples per shard")
+    shard.add_argument(
+        "--maxsize", type=_byte_size, metavar="BYTES", help="most bytes per shard (e.g. 500MB)"
+    )
+    shard.add_argument("--seed", type=int, help="seed of the shuffle before cutting shards")
+    shard.add_argument(
+        "--readers",
+        type=int,
+        metavar="N",
+        help="loader processes reading the train split (nodes x GPUs x workers):"
+        " at least this many train shards",
+    )
+    shard.add_argument(
+        "--max-skipped",
+        type=float,
+        metavar="FRACTION",
+        help="largest fraction of missing or undecodable images to leave out before failing",
+    )
+    shard.add_argument("--workers", type=int, metavar="N", help="processes writing shards")
+    shard.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a shard set already at SHARDS (otherwise a complete set of the same input"
+        " and settings is kept, an unfinished one is finished, another one is refused)",
+    )
+    _add_recipe_arguments(shard)
+    shard.set_defaults(run=_shard)
+
+    check = commands.add_parser(
+        "verify",
+        help="re-read a shard set and check it against its manifest",
+        description="Read every shard of a set back: checksums, sample and label counts, every"
+        " image decoded, keys unique and train/test disjoint. Exits 1 on any problem.",
+    )
+    check.add_argument("shards", metavar="SHARDS", help="shard set folder or fsspec URL")
+    check.add_argument(
+        "--workers", type=int, default=2, metavar="N", help="processes reading shards (default 2)"
+    )
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.set_defaults(run=_verify)
+
+
+def _shard(args: argparse.Namespace) -> int:
+    recipe = _resolve_recipe(
+        args,
+        shard__image_size=args.image_size,
+        shard__quality=args.quality,
+        shard__maxcount=args.maxcount,
+        shard__maxsize=args.maxsize,
+        shard__seed=args.seed,
+        shard__readers=args.readers,
+        shard__max_skipped=args.max_skipped,
+        shard__workers=args.workers,
+    )
+    report = shards.write_shards(
+        recipe, args.data, args.out, overwrite=args.overwrite, progress=_progress(args)
+    )
+    total = sum(s.shards for s in report.splits.values())
+    if report.already_complete:
+        print(
+            f"{report.location} already holds this shard set; nothing written (--overwrite"
+            " writes it again)"
+        )
+    else:
+        reused = f", {report.reused} from an earlier run" if report.reused else ""
+        print(f"wrote {total} shards to {report.location}{reused}")
+    for split, summary in report.splits.items():
+        labels = ", ".join(f"{_count(n)} {name}" for name, n in sorted(summary.labels.items()))
+        print(
+            f"  {split:<6}{summary.shards:>6} shards {_count(summary.samples):>10} samples ({labels})"
+        )
+    if report.skipped:
+        print(
+            f'left out {_count(len(report.skipped))} photos (listed under "skipped" in the manifest):'
+        )
+        for entry in report.skipped[:10]:
+            print(f"  {entry['photo_id']}: {entry['reason']}: {entry['detail']}")
+        if len(report.skipped) > 10:
+            print(f"  ... and {_count(len(report.skipped) - 10)} more")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ConfigError(f"--workers: must be positive, got {args.workers}")
+    report = verify.verify_shards(args.shards, workers=args.workers, progress=_progress(args))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "location": report.location,
+                    "ok": report.ok,
+                    "shards": report.shards,
+                    "samples": report.samples,
+                    "problems": [
+                        {"shard": p.shard, "key": p.key, "message": p.message}
+                        for p in report.problems
+                    ],
+                }
+            )
+        )
+    else:
+        for problem in report.problems:
+            print(problem)
+        if report.ok:
+            print(
+                f"OK: {report.shards} shards, {_count(report.samples)} samples at {report.location}"
+            )
+        else:
+            print(
+                f"{_count(len(report.problems))} problems in {report.location}"
+                f" ({report.shards} shards, {_count(report.samples)} samples)",
+            )
+    return 0 if report.ok else EXIT_ERROR

@@ -219,7 +219,17 @@ class ShardConfig:
     maxcount: int = 2000
     """Most samples per shard."""
     maxsize: int = 512_000_000
-    """Most bytes per shard."""
+    """Most bytes per shard. Shards are planned from the size of a sample of re-encoded images
+    (plus a margin), so a shard exceeds it only when its images encode much larger than that."""
+    seed: int = 2017
+    """Seed of the shuffle that orders each split before it is cut into shards."""
+    readers: int = 8
+    """Loader processes that read the train split at once (nodes x processes per node x
+    data-loader workers). The train split is cut into at least this many shards, so that each
+    reader gets one; a split with fewer samples than readers is warned about."""
+    max_skipped: float = 0.01
+    """Largest fraction of photos whose image may be missing or undecodable: those are left out
+    and listed in the manifest. Beyond it the run fails before writing the manifest."""
     workers: int = 2
     """Processes writing shards in parallel."""
 
@@ -228,6 +238,8 @@ class ShardConfig:
         _check(1 <= self.quality <= 100, "shard.quality", "must be between 1 and 100")
         _check(self.maxcount > 0, "shard.maxcount", "must be positive")
         _check(self.maxsize > 0, "shard.maxsize", "must be positive")
+        _check(self.readers > 0, "shard.readers", "must be positive")
+        _check(0.0 <= self.max_skipped <= 1.0, "shard.max_skipped", "must be in [0, 1]")
         _check(self.workers > 0, "shard.workers", "must be positive")
 
 
