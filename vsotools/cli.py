@@ -353,12 +353,12 @@ def _fetch(args: argparse.Namespace) -> int:
         fetch__calls_per_hour=args.calls_per_hour,
         fetch__download_concurrency=args.concurrency,
         fetch__max_side=args.max_side,
+        fetch__pairs=args.pairs,
     )
-    credentials = None if args.pairs else load_credentials(args.credentials)
+    credentials = None if recipe.fetch.pairs else load_credentials(args.credentials)
     report = fetch(
         recipe,
         args.out,
-        pairs=args.pairs,
         credentials=credentials,
         retry_failed=args.retry_failed,
         progress=_progress(args),

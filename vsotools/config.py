@@ -59,6 +59,10 @@ class AnpsConfig:
 class FetchConfig:
     """How ``vsotools fetch`` searches Flickr and downloads, validates and stores images."""
 
+    pairs: str = _path()
+    """An image+text pairs file (JSONL, CSV or Parquet: id, text, label, image) to ingest
+    instead of crawling Flickr; empty: crawl."""
+
     # --- the Flickr API ---
     api_url: str = "https://api.flickr.com/services/rest/"
     """Flickr REST endpoint; point it at ``vsotools flickr-server`` for offline runs."""
@@ -244,6 +248,38 @@ class ShardConfig:
 
 
 @dataclass
+class RunConfig:
+    """How ``vsotools run`` chains the stages and which models it trains on the same shards."""
+
+    models: list[Literal["fusion", "text", "image"]] = field(default_factory=lambda: ["fusion"])
+    """Models to train and compare; ``text`` and ``image`` are the paper's ST and SV baselines."""
+    fusion_from_branches: bool = False
+    """Train ``text`` and ``image`` first and start the fusion model from their weights."""
+    fusion_set: list[str] = field(default_factory=list)
+    """``train.KEY=VALUE`` overrides for the fusion model only (as ``--set`` takes them)."""
+    text_set: list[str] = field(default_factory=list)
+    """``train.KEY=VALUE`` overrides for the text model only."""
+    image_set: list[str] = field(default_factory=list)
+    """``train.KEY=VALUE`` overrides for the image model only."""
+
+    def validate(self) -> None:
+        _check(bool(self.models), "run.models", "must name at least one model")
+        _check(len(set(self.models)) == len(self.models), "run.models", "names a model twice")
+        _check(
+            not self.fusion_from_branches or {"text", "image"} <= set(self.models),
+            "run.fusion_from_branches",
+            "needs run.models to include text and image",
+        )
+        for model in ("fusion", "text", "image"):
+            for assignment in getattr(self, f"{model}_set"):
+                _check(
+                    assignment.startswith("train.") and "=" in assignment,
+                    f"run.{model}_set",
+                    f"{assignment!r} is not a train.KEY=VALUE override",
+                )
+
+
+@dataclass
 class TrainConfig:
     """The deep fusion CNN, its baselines and the training schedule (paper defaults)."""
 
@@ -295,6 +331,7 @@ class Recipe:
     filter: FilterConfig = field(default_factory=FilterConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
         for section in _sections(self):

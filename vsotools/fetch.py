@@ -87,13 +87,16 @@ def fetch(
     retry_failed: bool = False,
     progress: bool = False,
 ) -> FetchReport:
-    """Crawl Flickr for the recipe's ANPs (or ingest ``pairs``) into ``out``; see the module doc.
+    """Crawl Flickr for the recipe's ANPs (or ingest ``pairs``, by default the recipe's
+    ``fetch.pairs``) into ``out``; see the module doc.
 
     ``credentials`` are needed for a crawl (``flickr.client.load_credentials``).
     """
     started = time.monotonic()
     out = Path(out)
     config = recipe.fetch
+    if pairs is None and config.pairs:
+        pairs = config.pairs
     if pairs is None and credentials is None:
         raise ConfigError("a crawl needs Flickr credentials (FLICKR_API_KEY)")
     anps = [] if pairs is not None else anps_to_search(recipe)
