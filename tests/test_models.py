@@ -51,8 +51,11 @@ def test_text_features_match_pooling_computed_by_hand():
 
 
 def test_a_sentence_shorter_than_a_filter_still_has_finite_features():
-    features = _text_cnn(widths=(3, 5))(torch.tensor([[3, 0, 0, 0, 0, 0]]), torch.tensor([1]))
+    model = _text_cnn(widths=(3, 5))
+    features = model(torch.tensor([[3, 0, 0, 0, 0, 0]]), torch.tensor([1]))
     assert torch.isfinite(features).all()
+    # A batch padded only to its longest text (here one token) gives the same features.
+    torch.testing.assert_close(model(torch.tensor([[3]]), torch.tensor([1])), features)
 
 
 def test_word_vectors_are_frozen():
@@ -100,3 +103,10 @@ def test_each_variant_gives_two_logits(kind):
     if kind != "text":
         with pytest.raises(ValueError, match="reads images"):
             model(tokens=inputs["tokens"], lengths=inputs["lengths"])
+
+
+def test_word_vectors_can_be_tuned_when_asked():
+    model = TextCNN(torch.randn(10, 4), [2], num_filters=3, tune_vectors=True)
+    model(torch.tensor([[1, 2, 3]]), torch.tensor([3])).sum().backward()
+    assert model.embedding.weight.grad is not None
+    assert model.embedding.weight.grad[0].abs().sum() == 0  # padding stays zero

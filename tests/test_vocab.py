@@ -11,6 +11,7 @@ from vsotools.data.vocab import (
     PAD,
     UNK,
     Vocabulary,
+    all_but_the_top,
     embedding_matrix,
     load_word_vectors,
     model_tokens,
@@ -85,3 +86,24 @@ def test_a_vector_file_of_the_wrong_size_or_kind_is_refused(tmp_path):
         load_word_vectors(tmp_path / "junk.txt", 3)
     with pytest.raises(ConfigError, match="not found"):
         load_word_vectors(tmp_path / "missing.bin", 3)
+
+
+def test_tokens_with_inner_spaces_survive_the_word2vec_file(tmp_path):
+    tokens = model_tokens("wait . . . what", lowercase=True)
+    assert tokens == ["wait", "...", "what"]
+    vocab = Vocabulary(tokens, lowercase=True)
+    save_word_vectors(vocab, torch.randn(5, 3), tmp_path / "v.bin")
+    assert load_word_vectors(tmp_path / "v.bin", 3).index_to_key == tokens
+
+
+def test_all_but_the_top_removes_the_common_direction():
+    rng = np.random.default_rng(0)
+    common = rng.normal(size=8)
+    rows = np.outer(rng.uniform(1, 3, size=50), common) + 0.01 * rng.normal(size=(50, 8))
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    assert np.abs(unit @ unit.T).mean() > 0.99  # nearly parallel, as word2vec on little text
+    kept = all_but_the_top(rows.astype(np.float32), 1, target_std=0.1)
+    unit = kept / np.linalg.norm(kept, axis=1, keepdims=True)
+    assert np.abs(unit @ unit.T).mean() < 0.5
+    np.testing.assert_allclose(kept.mean(axis=0), 0, atol=1e-5)
+    assert np.sqrt((kept**2).mean()) == pytest.approx(0.1, rel=1e-4)

@@ -274,7 +274,7 @@ def _train(args: argparse.Namespace) -> int:
     if report.rank != 0:
         return 0  # under torchrun, rank 0 alone prints the report
     m = report.test
-    selected = f"epoch {report.selected_epoch} of {report.epochs}"
+    selected = f"selected epoch {report.selected_epoch} of {report.epochs}"
     print(f"{report.model}: {selected}, {_count(report.steps)} steps, {report.seconds:.1f} s")
     print(
         f"test: n={_count(m.n)} accuracy {m.accuracy:.4f} macro-F1 {m.macro_f1:.4f}"

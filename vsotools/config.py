@@ -191,6 +191,14 @@ class TrainConfig:
     w2v_epochs: int = 5
     oov_scale: float = 0.25
     """Words without a vector get one drawn uniformly from [-oov_scale, oov_scale] (Kim 2014)."""
+    tune_vectors: bool = False
+    """Off by default (the paper's vectors are static). Let training update the word vectors too
+    (Kim's CNN-non-static)."""
+    drop_components: int = 0
+    """Off by default (0). k > 0: subtract the mean word vector, remove the top k principal
+    directions ("all-but-the-top", Mu and Viswanath 2018) and scale the vectors to the spread of
+    the random ones. word2vec trained on a few thousand short texts gives nearly parallel vectors
+    (cosine about 0.99) that the CNN cannot tell apart; k = 3 separates them."""
 
     # --- the image branch (AlexNet-like) ---
     crop_size: int = 224
@@ -264,6 +272,7 @@ class TrainConfig:
         _check(self.w2v_min_count > 0, "train.w2v_min_count", "must be positive")
         _check(self.w2v_epochs > 0, "train.w2v_epochs", "must be positive")
         _check(self.oov_scale >= 0, "train.oov_scale", "must not be negative")
+        _check(self.drop_components >= 0, "train.drop_components", "must not be negative")
         _check(self.crop_size >= 63, "train.crop_size", "must be at least 63 (AlexNet's pooling)")
         _check(
             len(self.conv_channels) == 5 and all(c > 0 for c in self.conv_channels),

@@ -119,7 +119,7 @@ def predict_one(
         crop_size=recipe.train.crop_size if model.uses_image else None,
         train=False,
     )
-    batch = collate([decoder(sample, rng=None)], recipe.train.max_words)  # type: ignore[arg-type]
+    batch = collate([decoder(sample, rng=None)])  # type: ignore[arg-type]
     device = next(model.parameters()).device
     mover = BatchMover(device, crop_size=recipe.train.crop_size)
     model.eval()

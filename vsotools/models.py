@@ -15,6 +15,7 @@ Inputs are tensors already on the device: token ids ``(N, L)`` padded with 0 and
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vsotools.config import TrainConfig
@@ -32,18 +33,30 @@ class TextCNN(nn.Module):
     minimum (nor the maximum).
     """
 
-    def __init__(self, embeddings: torch.Tensor, filter_widths: list[int], num_filters: int):
+    def __init__(
+        self,
+        embeddings: torch.Tensor,
+        filter_widths: list[int],
+        num_filters: int,
+        tune_vectors: bool = False,
+    ):
         super().__init__()
         vocab_size, word_dim = embeddings.shape
         self.embedding = nn.Embedding(vocab_size, word_dim, padding_idx=0)
         self.embedding.weight.data.copy_(embeddings)
-        # Static word vectors (the paper's setting): never updated, never synchronised by DDP.
-        self.embedding.weight.requires_grad_(False)
+        # Static word vectors (the paper's setting) are never updated, nor synchronised by DDP.
+        self.tune_vectors = tune_vectors
+        self.embedding.weight.requires_grad_(tune_vectors)
         self.filter_widths = list(filter_widths)
         self.convs = nn.ModuleList(nn.Conv1d(word_dim, num_filters, w) for w in filter_widths)
         self.feature_dim = 3 * num_filters * len(filter_widths)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Features ``(N, 3 x filters x widths)`` of ``tokens`` ``(N, L)`` padded with 0 to any
+        length ``L`` (the result does not depend on it)."""
+        shortfall = max(self.filter_widths) - tokens.shape[1]
+        if shortfall > 0:
+            tokens = F.pad(tokens, (0, shortfall), value=0)
         words = self.embedding(tokens).transpose(1, 2)  # (N, word_dim, L)
         features = []
         for width, conv in zip(self.filter_widths, self.convs, strict=True):
@@ -170,7 +183,7 @@ def build_model(config: TrainConfig, embeddings: torch.Tensor | None = None) -> 
     if config.model in ("fusion", "text"):
         if embeddings is None:
             raise ValueError(f"a {config.model} model needs word embeddings")
-        text = TextCNN(embeddings, config.filter_widths, config.num_filters)
+        text = TextCNN(embeddings, config.filter_widths, config.num_filters, config.tune_vectors)
     image = None
     if config.model in ("fusion", "image"):
         image = AlexNetFeatures(config.conv_channels, config.crop_size)

@@ -352,7 +352,7 @@ def _build_vocabulary(
         f"{len(vocab) - 2:,}", f"{known:,}", source, f"{len(vocab) - 2 - known:,}",
     )  # fmt: skip
     matrix = vocab_rules.embedding_matrix(
-        vocab, vectors, config.word_dim, config.oov_scale, config.seed
+        vocab, vectors, config.word_dim, config.oov_scale, config.seed, config.drop_components
     )
     vocab_rules.save_word_vectors(vocab, matrix, out / VECTORS_NAME)
     return vocab.words[len(vocab_rules.SPECIALS) :], vocab.lowercase, matrix
@@ -388,8 +388,9 @@ def _set_branches_trainable(model: SentimentNet, trainable: bool) -> None:
     for name, branch in model.branches().items():
         for parameter_name, parameter in branch.named_parameters():
             if name == "text" and parameter_name.startswith("embedding."):
-                continue  # static word vectors stay frozen
-            parameter.requires_grad_(trainable)
+                parameter.requires_grad_(trainable and model.text.tune_vectors)  # type: ignore[union-attr]
+            else:
+                parameter.requires_grad_(trainable)
     if not trainable:
         log.info("branches frozen: training the head only")
 

@@ -282,8 +282,8 @@ class SampleDecoder:
         return x0, y0, side, flip
 
 
-def collate(samples: list[dict[str, Any]], max_words: int) -> dict[str, Any]:
-    """A batch: ``labels`` (N,), ``tokens`` (N, max_words) int32 padded, ``lengths`` (N,),
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """A batch: ``labels`` (N,), ``tokens`` (N, longest) int32 padded, ``lengths`` (N,),
     ``images`` (N, H, W, 3) uint8, or ``jpegs`` and ``boxes`` for GPU decoding; ``keys``."""
     batch: dict[str, Any] = {
         "keys": [s["key"] for s in samples],
@@ -291,7 +291,10 @@ def collate(samples: list[dict[str, Any]], max_words: int) -> dict[str, Any]:
     }
     first = samples[0]
     if "tokens" in first:
-        tokens = np.full((len(samples), max_words), PAD, dtype=np.int32)
+        # Padding to the batch's longest text, not to max_words: pooling ignores padding, and
+        # short texts (tweets) would otherwise spend most of the text branch on it.
+        width = max(1, *(s["length"] for s in samples))
+        tokens = np.full((len(samples), width), PAD, dtype=np.int32)
         for row, sample in enumerate(samples):
             tokens[row, : sample["length"]] = sample["tokens"]
         batch["tokens"] = torch.from_numpy(tokens)
@@ -383,7 +386,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.steps is not None:
             grouped = itertools.islice(grouped, quota)
         for batch in grouped:
-            yield collate(batch, self.decoder.max_words)
+            yield collate(batch)
 
 
 def _keep_all(key: str) -> bool:

@@ -10,6 +10,7 @@ file, which ``train.word_vectors`` reads back.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -22,14 +23,20 @@ from vsotools import text as text_rules
 from vsotools.config import TrainConfig
 from vsotools.errors import ConfigError
 
+_SPACE = re.compile(r"\s+")
+
 PAD = 0
 UNK = 1
 SPECIALS = ("<pad>", "<unk>")
 
 
 def model_tokens(text: str, lowercase: bool) -> list[str]:
-    """The tokens the text model reads for ``text``."""
-    tokens = text_rules.tokenize(text)
+    """The tokens the text model reads for ``text``.
+
+    Whitespace inside a token (TweetTokenizer keeps ``. . .`` whole) is removed: a word in a
+    word2vec file cannot hold a space.
+    """
+    tokens = [_SPACE.sub("", t) for t in text_rules.tokenize(text)]
     return [t.lower() for t in tokens] if lowercase else tokens
 
 
@@ -131,19 +138,46 @@ def _load_word2vec_format(path: Path):
         return KeyedVectors.load_word2vec_format(str(path), binary=True)
 
 
-def embedding_matrix(vocab: Vocabulary, vectors, word_dim: int, oov_scale: float, seed: int):
+def embedding_matrix(
+    vocab: Vocabulary,
+    vectors,
+    word_dim: int,
+    oov_scale: float,
+    seed: int,
+    drop_components: int = 0,
+):
     """``(len(vocab), word_dim)`` float32 tensor: zeros for padding, a vector per word.
 
     Words that ``vectors`` lacks (and ``<unk>``) get a vector drawn uniformly from
-    ``[-oov_scale, oov_scale]``, from a generator seeded by ``seed``.
+    ``[-oov_scale, oov_scale]``, from a generator seeded by ``seed``. With ``drop_components``
+    k > 0, the given vectors lose their mean and their top k principal directions, and are
+    scaled so that their entries spread like the random ones.
     """
     rng = np.random.default_rng(seed)
     matrix = rng.uniform(-oov_scale, oov_scale, size=(len(vocab), word_dim)).astype(np.float32)
+    known = [
+        (i, word)
+        for i, word in enumerate(vocab.words[len(SPECIALS) :], start=len(SPECIALS))
+        if vectors is not None and word in vectors.key_to_index
+    ]
+    if known:
+        rows = np.stack([vectors[word] for _, word in known]).astype(np.float32)
+        if drop_components:
+            rows = all_but_the_top(rows, drop_components, target_std=oov_scale / np.sqrt(3))
+        matrix[[i for i, _ in known]] = rows
     matrix[PAD] = 0.0
-    for i, word in enumerate(vocab.words[len(SPECIALS) :], start=len(SPECIALS)):
-        if vectors is not None and word in vectors.key_to_index:
-            matrix[i] = vectors[word]
     return torch.from_numpy(matrix)
+
+
+def all_but_the_top(rows: np.ndarray, components: int, target_std: float) -> np.ndarray:
+    """``rows`` without their mean and top ``components`` principal directions, scaled so that
+    their entries have standard deviation ``target_std``."""
+    centred = rows - rows.mean(axis=0, keepdims=True)
+    _, _, directions = np.linalg.svd(centred, full_matrices=False)
+    top = directions[:components]
+    kept = centred - (centred @ top.T) @ top
+    spread = float(np.sqrt((kept**2).mean()))
+    return (kept * (target_std / spread) if spread > 0 else kept).astype(np.float32)
 
 
 def count_known(vocab: Vocabulary, vectors) -> int:
