@@ -25,6 +25,7 @@ from vsotools.data.loader import (
     Shard,
     ShardStream,
     check_shard_count,
+    crop_boxes,
     is_validation,
     make_loader,
     read_samples,
@@ -236,3 +237,26 @@ def test_gpu_decoding_without_torchvision_says_how_to_install_it():
     }
     with pytest.raises(VsoError, match="pip install torchvision"):
         mover.inputs(batch, train=False)
+
+
+@pytest.mark.parametrize(("side", "crop"), [(256, 224), (256, 112)])
+def test_gpu_decode_boxes_crop_what_the_cpu_path_crops(side, crop):
+    """The worker's box plus ``crop_boxes`` (what runs after torchvision's GPU decode) give the
+    CPU path's evaluation crop; here the full-size decode is Pillow's."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(side, side + 40, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    sample = {"__key__": "k", "cls": b"0", "jpg": buffer.getvalue()}
+    cpu = SampleDecoder(vocab=None, max_words=4, crop_size=crop, train=False)
+    gpu = SampleDecoder(vocab=None, max_words=4, crop_size=crop, train=False, gpu_decode=True)
+    expected = torch.from_numpy(np.array(cpu(sample, random.Random(0))["image"]))
+    expected = expected.permute(2, 0, 1).float()
+    box = gpu(sample, random.Random(0))["box"]
+    full = torch.from_numpy(np.array(Image.open(buffer).convert("RGB"))).permute(2, 0, 1)
+    got = crop_boxes([full], [list(box)], crop)[0]
+    assert got.shape == expected.shape == (3, crop, crop)
+    # Equal at full scale; at half scale, JPEG's DCT downscale and a bilinear resize agree
+    # only roughly.
+    tolerance = 0.5 if side == crop * 8 // 7 else 20
+    assert (got - expected).abs().mean() <= tolerance

@@ -19,6 +19,7 @@ from shardkit import sample_image, tiny_recipe_overrides, tiny_set_arguments, wr
 from vsotools import checkpoint as ckpt
 from vsotools.config import Recipe
 from vsotools.data.loader import LoaderError
+from vsotools.errors import ConfigError
 from vsotools.evaluate import evaluate
 from vsotools.train import RunError, train
 
@@ -281,3 +282,9 @@ def test_torchrun_trains_on_two_cpu_processes_with_equal_steps(shards, tmp_path)
         json.loads(result.stdout)["accuracy"]
         == json.loads((run / "metrics.json").read_text())["accuracy"]
     )
+
+
+def test_gpu_decode_on_a_cpu_is_refused_before_any_work(shards, tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.gpu_decode needs a CUDA device"):
+        train(recipe(gpu_decode=True), shards, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -42,6 +42,7 @@ from vsotools.data.loader import (
     Shard,
     ShardStream,
     check_shard_count,
+    gpu_jpeg_decoder,
     make_loader,
     read_samples,
     steps_per_epoch,
@@ -134,6 +135,10 @@ def _train(
         )
     ]
     check_shard_count(len(train_shards), context.world_size, config.workers, schema.TRAIN)
+    if config.gpu_decode:
+        if device.type != "cuda":
+            raise ConfigError("train.gpu_decode needs a CUDA device (set gpu_decode=false)")
+        gpu_jpeg_decoder()  # a clear error now, not after building the vocabulary
     state = _state_to_resume(out, recipe, resume)
     if main:
         out.mkdir(parents=True, exist_ok=True)

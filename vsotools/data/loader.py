@@ -29,6 +29,7 @@ import io
 import itertools
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.nn.functional import interpolate
+from torch.utils.data import default_collate
 
 from vsotools import images as image_rules
 from vsotools import schema
@@ -126,24 +129,134 @@ def is_validation(key: str, seed: int, fraction: float) -> bool:
 
 
 def read_shard(url: str, skip_images: bool = False) -> Iterator[dict[str, Any]]:
-    """The raw samples of one tar shard (``{"__key__": ..., "jpg": bytes, ...}``).
+    """The raw samples of one tar shard (``{"__key__": ..., "jpg": bytes, ...}``), in order.
 
-    ``skip_images`` leaves the JPEG members unread (they are still streamed past).
+    ``skip_images`` leaves the JPEG members unread (skipped over, not decoded or kept).
     """
     import fsspec
-    from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    def keep(name: str) -> bool:
-        return not (skip_images and name.endswith("." + schema.SAMPLE_IMAGE))
-
+    skip = {schema.SAMPLE_IMAGE} if skip_images else set()
     try:
         with fsspec.open(url, "rb") as stream:
-            files = tar_file_expander([{"url": url, "stream": stream}], select_files=keep)
-            yield from group_by_keys(files)
+            yield from group_members(tar_members(stream, skip), url)
     except FileNotFoundError:
         raise LoaderError(f"{url}: shard not found (is the shard set complete?)") from None
     except (OSError, ValueError, EOFError) as exc:
         raise LoaderError(f"{url}: cannot read the shard ({exc})") from None
+
+
+_BLOCK = 512
+
+
+def tar_members(
+    stream, skip_extensions: set[str] = frozenset()
+) -> Iterator[tuple[str, bytes | None]]:
+    """``(name, bytes)`` of each regular file of a tar stream, in order.
+
+    A small reader for the tars ``vsotools shard`` (webdataset's TarWriter, Python's tarfile)
+    writes: ustar headers with their checksum checked, pax ``path`` records and GNU long names.
+    It parses each header with a few slices instead of ``tarfile``'s general machinery, which
+    costs as much as decoding the JPEG. Members whose extension is in ``skip_extensions`` are
+    skipped over and given as ``None``.
+    """
+    long_name: str | None = None
+    while True:
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK or header == bytes(_BLOCK):
+            return
+        _check_header(header)
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        padded = size + (-size % _BLOCK)
+        if kind in (b"x", b"L"):
+            data = stream.read(padded)[:size]
+            long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode("utf-8")
+            continue
+        if kind not in (b"0", b"\0"):
+            _skip(stream, padded)  # directories, links, global pax headers
+            long_name = None
+            continue
+        name = long_name or _ustar_name(header)
+        long_name = None
+        if name.rpartition(".")[2] in skip_extensions:
+            _skip(stream, padded)
+            yield name, None
+            continue
+        data = stream.read(padded)
+        if len(data) < padded:
+            raise EOFError(f"truncated tar member {name}")
+        yield name, data[:size]
+
+
+def group_members(
+    members: Iterable[tuple[str, bytes | None]], url: str
+) -> Iterator[dict[str, Any]]:
+    """Consecutive members ``KEY.EXT`` gathered into samples ``{"__key__": KEY, EXT: bytes}``
+    (``KEY`` ends at the first dot of the file name, as in webdataset)."""
+    sample: dict[str, Any] | None = None
+    for name, data in members:
+        folder, _, base = name.rpartition("/")
+        stem, dot, extension = base.partition(".")
+        if not dot:
+            continue
+        key = f"{folder}/{stem}" if folder else stem
+        if sample is None or sample[schema.SAMPLE_KEY] != key:
+            if sample is not None:
+                yield sample
+            sample = {schema.SAMPLE_KEY: key, "__url__": url}
+        if data is not None:
+            sample[extension.lower()] = data
+    if sample is not None:
+        yield sample
+
+
+def _check_header(header: bytes) -> None:
+    stored = _octal(header[148:156])
+    computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    if stored != computed:
+        raise ValueError("not a tar file (bad header checksum)")
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] == b"\x80":  # base-256, for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    digits = field.rstrip(b"\0 ").lstrip(b" ")
+    return int(digits, 8) if digits else 0
+
+
+def _ustar_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8")
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The ``path`` of a pax extended header (records ``"LEN key=value\\n"``), if any."""
+    position = 0
+    while position < len(records):
+        space = records.index(b" ", position)
+        length = int(records[position:space])
+        key, _, value = records[space + 1 : position + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8")
+        position += length
+    return None
+
+
+def _skip(stream, count: int) -> None:
+    if count == 0:
+        return
+    try:
+        stream.seek(count, io.SEEK_CUR)
+    except (OSError, io.UnsupportedOperation, AttributeError):
+        while count > 0:
+            chunk = stream.read(min(count, 1 << 20))
+            if not chunk:
+                raise EOFError("truncated tar member") from None
+            count -= len(chunk)
 
 
 def read_samples(shards: Iterable[Shard], skip_images: bool = False) -> Iterator[dict[str, Any]]:
@@ -300,11 +413,24 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch["tokens"] = torch.from_numpy(tokens)
         batch["lengths"] = torch.tensor([s["length"] for s in samples], dtype=torch.int64)
     if "image" in first:
-        batch["images"] = torch.from_numpy(np.stack([s["image"] for s in samples]))
+        batch["images"] = _stack_images([s["image"] for s in samples])
     if "jpeg" in first:
         batch["jpegs"] = [torch.from_numpy(s["jpeg"].copy()) for s in samples]
         batch["boxes"] = torch.tensor([s["box"] for s in samples], dtype=torch.int64)
     return batch
+
+
+def _stack_images(arrays: list[np.ndarray]) -> torch.Tensor:
+    if torch.utils.data.get_worker_info() is None:
+        # In the training process: numpy's single-threaded copy (torch.stack's threads contend
+        # with the training step's).
+        return torch.from_numpy(np.stack(arrays))
+    with warnings.catch_warnings():
+        # The arrays are read-only views of Pillow's bytes; only default_collate reads them.
+        warnings.simplefilter("ignore", UserWarning)
+        # In a loader worker, default_collate stacks straight into shared memory, so the batch
+        # crosses to the training process without another copy.
+        return default_collate([torch.from_numpy(a) for a in arrays])
 
 
 # --- the stream a DataLoader iterates --------------------------------------------------------
@@ -484,36 +610,42 @@ class BatchMover:
         return images.contiguous(memory_format=layout)
 
     def _decode_on_gpu(self, batch: dict[str, Any]) -> torch.Tensor:
-        decode_jpeg, resize = gpu_jpeg_decoder()
-        crop = self.crop_size
-        assert crop is not None
+        decode_jpeg = gpu_jpeg_decoder()
+        assert self.crop_size is not None
         decoded = decode_jpeg(batch["jpegs"], device=self.device)
-        crops = []
-        for image, (x0, y0, side, flip) in zip(decoded, batch["boxes"].tolist(), strict=True):
-            region = image[:, y0 : y0 + side, x0 : x0 + side]
-            if side != crop:
-                region = resize(region[None].float(), size=(crop, crop), antialias=True)[0]
-            if flip:
-                region = region.flip(-1)
-            crops.append(region)
-        return torch.stack(crops)
+        return crop_boxes(decoded, batch["boxes"].tolist(), self.crop_size)
+
+
+def crop_boxes(images: list[torch.Tensor], boxes: list[list[int]], crop: int) -> torch.Tensor:
+    """``(N, 3, crop, crop)`` float pixels: each ``(3, H, W)`` image cut to its box
+    ``(x0, y0, side, flip)``, resized to ``crop`` when the side differs, flipped when asked."""
+    crops = []
+    for image, (x0, y0, side, flip) in zip(images, boxes, strict=True):
+        region = image[:, y0 : y0 + side, x0 : x0 + side].float()
+        if side != crop:
+            region = interpolate(region[None], size=(crop, crop), mode="bilinear", antialias=True)
+            region = region[0].clamp(0, 255)
+        if flip:
+            region = region.flip(-1)
+        crops.append(region)
+    return torch.stack(crops)
 
 
 def gpu_jpeg_decoder():
-    """``(torchvision.io.decode_jpeg, resize)``; a clear error where torchvision is missing."""
+    """torchvision's batched JPEG decoder (RGB); a clear error where torchvision is missing."""
     try:
-        from torchvision.io import decode_jpeg
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_jpeg as torchvision_decode_jpeg
     except ImportError:
         raise VsoError(
             "train.gpu_decode needs torchvision: pip install torchvision (the build matching"
             " your torch), or set train.gpu_decode=false"
         ) from None
-    from torch.nn.functional import interpolate
 
-    def resize(images: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
-        return interpolate(images, size=size, mode="bilinear", antialias=antialias).clamp(0, 255)
+    def decode_jpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        return torchvision_decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
-    return decode_jpeg, resize
+    return decode_jpeg
 
 
 def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
