@@ -4,7 +4,9 @@ epochs, decoding, and the device step."""
 from __future__ import annotations
 
 import io
+import os
 import random
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 from shardkit import write_shard_set
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vsotools.data.loader import (
     IMAGENET_MEAN,
@@ -260,3 +263,38 @@ def test_gpu_decode_boxes_crop_what_the_cpu_path_crops(side, crop):
     # only roughly.
     tolerance = 0.5 if side == crop * 8 // 7 else 20
     assert (got - expected).abs().mean() <= tolerance
+
+
+@pytest.mark.parametrize(
+    "tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT]
+)
+def test_the_tar_reader_agrees_with_webdataset(tmp_path, tar_format):
+    path = tmp_path / "train-000000.tar"
+    members = []
+    for i in range(3):
+        key = f"sub/{'x' * 120 if tar_format != tarfile.USTAR_FORMAT else 'k'}{i}"
+        members += [
+            (f"{key}.jpg", os.urandom(700 + i)),
+            (f"{key}.txt", b"caf\xc3\xa9"),
+            (f"{key}.cls", b"1"),
+        ]
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    ours = list(read_samples([Shard(str(path), 3)]))
+    with open(path, "rb") as stream:
+        theirs = list(group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}])))
+    assert [s["__key__"] for s in ours] == [s["__key__"] for s in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert {k: a[k] for k in ("jpg", "txt", "cls")} == {k: b[k] for k in ("jpg", "txt", "cls")}
+    without_images = list(read_samples([Shard(str(path), 3)], skip_images=True))
+    assert [sorted(s) for s in without_images] == [["__key__", "__url__", "cls", "txt"]] * 3
+
+
+def test_a_corrupt_shard_is_a_loader_error(tmp_path):
+    path = tmp_path / "train-000000.tar"
+    path.write_bytes(b"x" * 2048)
+    with pytest.raises(LoaderError, match=r"train-000000.tar: cannot read the shard \(not a tar"):
+        list(read_samples([Shard(str(path), 1)]))

@@ -211,10 +211,13 @@ def group_members(
 
 
 def _check_header(header: bytes) -> None:
-    stored = _octal(header[148:156])
+    try:
+        stored = _octal(header[148:156])
+    except ValueError:
+        stored = -1
     computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
     if stored != computed:
-        raise ValueError("not a tar file (bad header checksum)")
+        raise ValueError("not a tar file, or a damaged one: bad header checksum")
 
 
 def _octal(field: bytes) -> int:
