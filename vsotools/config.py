@@ -175,7 +175,7 @@ class TrainConfig:
     word_dim: int = 200
     """Size of the static word2vec vectors."""
     max_words: int = 150
-    """Texts are padded or cut to this many tokens."""
+    """Texts are cut to this many tokens (a batch is padded to its longest text)."""
     filter_widths: list[int] = field(default_factory=lambda: [3, 4, 5])
     num_filters: int = 100
     """Filters per width in the text CNN."""

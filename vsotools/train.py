@@ -238,6 +238,7 @@ def _train(
         record["selected"] = _select(config, selection, epoch, val)
         history.append(record)
         if main:
+            _log_epoch(record, config.epochs)
             _save_epoch(
                 out,
                 model,
@@ -579,6 +580,26 @@ def _epoch_record(
         record.update(_metrics_record(val, "val"))
     record.update(_metrics_record(test, "test"))
     return record
+
+
+def _log_epoch(record: dict[str, Any], epochs: int) -> None:
+    val = ""
+    if "val_loss" in record:
+        val = f", val loss {record['val_loss']:.4f} accuracy {record['val_accuracy']:.4f}"
+    log.info(
+        "epoch %d/%d: train loss %.4f accuracy %.4f%s, test accuracy %.4f macro-F1 %.4f"
+        " (%.1f s, %.1f samples/s)%s",
+        record["epoch"],
+        epochs,
+        record["train_loss"],
+        record["train_accuracy"],
+        val,
+        record["test_accuracy"],
+        record["test_macro_f1"],
+        record["seconds"],
+        record["samples_per_s"],
+        " *" if record["selected"] else "",
+    )
 
 
 def _metrics_record(metrics: Metrics, prefix: str) -> dict[str, Any]:
