@@ -314,11 +314,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
         return 0
     print(f"{report.checkpoint} ({report.model}) on {report.split} of {report.shards}")
-    print(f"n           {_count(m.n)}")
+    print(f"{'n':<15}{_count(m.n)}")
     for name in ("accuracy", "precision", "recall", "f1", "macro_f1", "majority_rate"):
-        print(f"{name:<12}{getattr(m, name):.4f}")
-    print(f"{'roc_auc':<12}{_optional(m.roc_auc)}")
-    print(f"{'loss':<12}{_optional(m.loss)}")
+        print(f"{name:<15}{getattr(m, name):.4f}")
+    print(f"{'roc_auc':<15}{_optional(m.roc_auc)}")
+    print(f"{'loss':<15}{_optional(m.loss)}")
     print(format_confusion(m.confusion))
     print(TABLE_HEADER)
     print(table_row(report.model, m))
