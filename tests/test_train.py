@@ -3,6 +3,7 @@ the command line, a killed and resumed subprocess, and ``torchrun`` with two CPU
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -226,15 +227,20 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_off(shards, tmp_path, cl
     exe = Path(sys.executable).with_name("vsotools")
     command = [str(exe), "-q", "train", "--shards", str(shards), "--out", str(run),
                "--model", "fusion", *tiny_set_arguments(), "--epochs", "40"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Its own process group, so that the kill takes its loader workers too (as a machine's loss
+    # would) and leaves no orphan behind.
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run / "last.pt").exists():
             assert process.poll() is None, process.communicate()[1].decode()
             assert time.monotonic() < deadline, "no checkpoint within 2 minutes"
             time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert process.returncode == -signal.SIGKILL
     killed_at = ckpt.load_checkpoint(run / "last.pt")["epoch"]
