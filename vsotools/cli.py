@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fetch_commands(commands)
     _add_filter_command(commands)
     _add_shard_commands(commands)
+    _add_train_commands(commands)
     return parser
 
 
@@ -652,3 +653,155 @@ def _verify(args: argparse.Namespace) -> int:
                 f" ({report.shards} shards, {_count(report.samples)} samples)",
             )
     return 0 if report.ok else EXIT_ERROR
+
+
+# --- vsotools train / evaluate / predict ----------------------------------------------------
+
+
+def _add_train_commands(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train the fusion model or a baseline on a shard set",
+        description="Train the deep fusion CNN (or the text-only / image-only baseline) on the"
+        " shards written by `vsotools shard`, streaming them. Writes RUN/checkpoint.pt,"
+        " RUN/metrics.jsonl (one line per epoch) and RUN/metrics.json (the test split)."
+        " Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel.",
+    )
+    train.add_argument("--shards", required=True, help="shard set folder or URL (s3://...)")
+    train.add_argument("--out", required=True, type=Path, help="run folder")
+    train.add_argument("--model", choices=("fusion", "text", "image"), help="default: recipe's")
+    train.add_argument("--epochs", type=int, help="default: the recipe's train.epochs")
+    train.add_argument("--batch-size", type=int, help="default: the recipe's train.batch_size")
+    train.add_argument("--workers", type=int, help="loader workers per process")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (with RUN/recipe.toml unless"
+        " --recipe is given)",
+    )
+    _add_recipe_arguments(train)
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="metrics of a checkpoint on a split of a shard set",
+        description="Print accuracy, precision, recall and F1 (positive class), macro-F1, the"
+        " majority-class rate, ROC AUC and the confusion matrix of a checkpoint on one split.",
+    )
+    evaluate.add_argument("--checkpoint", required=True, type=Path, help="RUN/checkpoint.pt")
+    evaluate.add_argument("--shards", required=True, help="shard set folder or URL")
+    evaluate.add_argument("--split", default="test", help="default: test")
+    evaluate.add_argument("--batch-size", type=int, help="default: the run's batch size")
+    evaluate.add_argument("--workers", type=int, help="default: the run's loader workers")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(run=_evaluate)
+
+    predict = commands.add_parser(
+        "predict",
+        help="classify one image and/or text with a checkpoint",
+        description="Print the predicted label and its probability. A text-only model needs"
+        " only --text, an image-only model only --image, the fusion model both.",
+    )
+    predict.add_argument("--checkpoint", required=True, type=Path, help="RUN/checkpoint.pt")
+    predict.add_argument("--image", type=Path, help="an image file")
+    predict.add_argument("--text", help="the text (cleaned as `vsotools filter` cleans it)")
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    predict.add_argument("--json", action="store_true", help="print one JSON object")
+    predict.set_defaults(run=_predict)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from vsotools.metrics import TABLE_HEADER, table_row
+    from vsotools.train import RECIPE_NAME, train
+
+    saved = args.out / RECIPE_NAME
+    if args.resume and args.recipe is None and saved.is_file():
+        args.recipe = saved
+    recipe = _resolve_recipe(
+        args,
+        train__model=args.model,
+        train__epochs=args.epochs,
+        train__batch_size=args.batch_size,
+        train__workers=args.workers,
+        train__device=args.device,
+    )
+    report = train(recipe, args.shards, args.out, resume=args.resume, progress=_progress(args))
+    if report.rank != 0:
+        return 0  # under torchrun, rank 0 alone prints the report
+    m = report.test
+    selected = f"selected epoch {report.selected_epoch} of {report.epochs}"
+    print(f"{report.model}: {selected}, {_count(report.steps)} steps, {report.seconds:.1f} s")
+    print(
+        f"test: n={_count(m.n)} accuracy {m.accuracy:.4f} macro-F1 {m.macro_f1:.4f}"
+        f" majority {m.majority_rate:.4f} AUC {_optional(m.roc_auc)}"
+    )
+    print(TABLE_HEADER)
+    print(table_row(report.model, m))
+    print(f"checkpoint: {report.checkpoint}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from vsotools.evaluate import evaluate
+    from vsotools.metrics import TABLE_HEADER, format_confusion, table_row
+
+    report = evaluate(
+        args.checkpoint,
+        args.shards,
+        split=args.split,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        progress=_progress(args),
+    )
+    m = report.metrics
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "checkpoint": str(report.checkpoint),
+                    "model": report.model,
+                    "shards": report.shards,
+                    "split": report.split,
+                    **m.to_json(),
+                }
+            )
+        )
+        return 0
+    print(f"{report.checkpoint} ({report.model}) on {report.split} of {report.shards}")
+    print(f"{'n':<15}{_count(m.n)}")
+    for name in ("accuracy", "precision", "recall", "f1", "macro_f1", "majority_rate"):
+        print(f"{name:<15}{getattr(m, name):.4f}")
+    print(f"{'roc_auc':<15}{_optional(m.roc_auc)}")
+    print(f"{'loss':<15}{_optional(m.loss)}")
+    print(format_confusion(m.confusion))
+    print(TABLE_HEADER)
+    print(table_row(report.model, m))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from vsotools.evaluate import predict
+
+    if args.image is None and args.text is None:
+        raise VsoError("give --image, --text or both")
+    prediction = predict(args.checkpoint, image=args.image, text=args.text, device=args.device)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "label": prediction.label,
+                    "probability": prediction.probability,
+                    "positive_probability": prediction.positive_probability,
+                }
+            )
+        )
+        return 0
+    print(f"{prediction.label} {prediction.probability:.4f}")
+    return 0
+
+
+def _optional(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

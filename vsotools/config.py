@@ -281,34 +281,109 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    """The deep fusion CNN, its baselines and the training schedule (paper defaults)."""
+    """The deep fusion CNN, its baselines and the training schedule (paper defaults).
+
+    Settings marked *off by default* are not in the paper; they exist for small, hard datasets
+    (class imbalance, a few thousand samples) and leave the paper's setup unchanged when unset.
+    """
 
     model: Literal["fusion", "text", "image"] = "fusion"
+    """``fusion``: both branches; ``text``: the ST baseline; ``image``: the SV baseline."""
     batch_size: int = 100
     lr: float = 1e-4
     """Adam learning rate at step 0."""
     lr_decay: float = 0.96
     lr_decay_steps: int = 3000
     """Staircase decay: lr * lr_decay ** (step // lr_decay_steps)."""
+    weight_decay: float = 0.0
+    """Adam's L2 penalty (off by default)."""
     epochs: int = 10
     seed: int = 2017
+    """Seeds model initialisation, word2vec, data order, augmentation and the validation carve."""
+
+    # --- the text branch (Kim's CNN over static word vectors) ---
     word_dim: int = 200
     """Size of the static word2vec vectors."""
     max_words: int = 150
-    """Texts are padded or cut to this many tokens."""
+    """Texts are cut to this many tokens (a batch is padded to its longest text)."""
     filter_widths: list[int] = field(default_factory=lambda: [3, 4, 5])
     num_filters: int = 100
     """Filters per width in the text CNN."""
+    lowercase: bool = True
+    """Lower-case tokens before looking them up (for the vocabulary and word2vec alike)."""
     word_vectors: str = _path()
     """word2vec (binary/text) or gensim KeyedVectors file; empty: train Word2Vec on the train split."""
+    w2v_algorithm: Literal["skipgram", "cbow"] = "skipgram"
+    """Word2Vec training algorithm when no ``word_vectors`` file is given."""
+    w2v_window: int = 5
+    w2v_min_count: int = 1
+    """Words seen fewer times in the training texts get no vector of their own (they map to <unk>)."""
+    w2v_epochs: int = 5
+    oov_scale: float = 0.25
+    """Words without a vector get one drawn uniformly from [-oov_scale, oov_scale] (Kim 2014)."""
+    tune_vectors: bool = False
+    """Off by default (the paper's vectors are static). Let training update the word vectors too
+    (Kim's CNN-non-static)."""
+    drop_components: int = 0
+    """Off by default (0). k > 0: subtract the mean word vector, remove the top k principal
+    directions ("all-but-the-top", Mu and Viswanath 2018) and scale the vectors to the spread of
+    the random ones. word2vec trained on a few thousand short texts gives nearly parallel vectors
+    (cosine about 0.99) that the CNN cannot tell apart; k = 3 separates them."""
+
+    # --- the image branch (AlexNet-like) ---
     crop_size: int = 224
-    """Side of the square crop the image branch sees."""
+    """Side of the square crop the image branch sees (at least 63 for the AlexNet-like branch)."""
+    conv_channels: list[int] = field(default_factory=lambda: [96, 256, 384, 384, 256])
+    """Output channels of the five convolutional layers (AlexNet's widths)."""
+    hflip: bool = True
+    """Random horizontal flips in training."""
+    scale_jitter: float = 0.0
+    """Off by default. Training crops of side crop_size * U(1 - j, 1 + j), resized to crop_size."""
+    color_jitter: float = 0.0
+    """Off by default. Brightness, contrast and saturation each scaled by U(1 - j, 1 + j)."""
+
+    # --- the head ---
+    fc_sizes: list[int] = field(default_factory=lambda: [4096, 4096])
+    """Hidden fully connected layers before the 2-way output (three FC layers in all)."""
+    dropout: float = 0.5
+    """Dropout before each fully connected layer."""
+
+    # --- the loss, model selection and warm starts (off by default) ---
+    class_weights: Literal["none", "balanced"] = "none"
+    """``balanced``: cross-entropy weights n / (2 n_class) from the train split's label counts."""
+    val_fraction: float = 0.0
+    """Share of the train split held out for validation, chosen by a hash of the sample key."""
+    select: Literal["last", "val_loss", "val_accuracy", "val_macro_f1"] = "last"
+    """Which epoch's model RUN/checkpoint.pt keeps: the last, or the best on the validation split."""
+    patience: int = 0
+    """Stop after this many epochs without a better validation ``select`` metric (0: never)."""
+    init_text: str = _path()
+    """Checkpoint (text or fusion) whose text branch and vocabulary start the model."""
+    init_image: str = _path()
+    """Checkpoint (image or fusion) whose image branch starts the model."""
+    freeze_branches_epochs: int = 0
+    """Train only the head for this many epochs, then everything."""
+
+    # --- the machine ---
+    workers: int = 4
+    """Data loader processes per training process."""
+    shuffle_buffer: int = 1000
+    """Samples held by each loader worker to shuffle the stream (0: no sample shuffle)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: the GPU when there is one."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on GPU, fp32 on CPU."""
+    channels_last: bool = True
+    """Channels-last memory format for the image branch on GPU."""
+    gpu_decode: bool = False
+    """Decode JPEGs on the GPU with torchvision (needs torchvision and a CUDA device)."""
 
     def validate(self) -> None:
         _check(self.batch_size > 0, "train.batch_size", "must be positive")
         _check(self.lr > 0, "train.lr", "must be positive")
         _check(0.0 < self.lr_decay <= 1.0, "train.lr_decay", "must be in (0, 1]")
         _check(self.lr_decay_steps > 0, "train.lr_decay_steps", "must be positive")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must not be negative")
         _check(self.epochs > 0, "train.epochs", "must be positive")
         _check(self.word_dim > 0, "train.word_dim", "must be positive")
         _check(self.max_words > 0, "train.max_words", "must be positive")
@@ -317,8 +392,54 @@ class TrainConfig:
             "train.filter_widths",
             "must be a non-empty list of positive widths",
         )
+        _check(
+            self.max_words >= max(self.filter_widths, default=0),
+            "train.max_words",
+            f"must be at least the widest filter ({max(self.filter_widths, default=0)})",
+        )
         _check(self.num_filters > 0, "train.num_filters", "must be positive")
-        _check(self.crop_size > 0, "train.crop_size", "must be positive")
+        _check(self.w2v_window > 0, "train.w2v_window", "must be positive")
+        _check(self.w2v_min_count > 0, "train.w2v_min_count", "must be positive")
+        _check(self.w2v_epochs > 0, "train.w2v_epochs", "must be positive")
+        _check(self.oov_scale >= 0, "train.oov_scale", "must not be negative")
+        _check(self.drop_components >= 0, "train.drop_components", "must not be negative")
+        _check(self.crop_size >= 63, "train.crop_size", "must be at least 63 (AlexNet's pooling)")
+        _check(
+            len(self.conv_channels) == 5 and all(c > 0 for c in self.conv_channels),
+            "train.conv_channels",
+            "must be five positive widths",
+        )
+        _check(0.0 <= self.scale_jitter < 1.0, "train.scale_jitter", "must be in [0, 1)")
+        _check(0.0 <= self.color_jitter < 1.0, "train.color_jitter", "must be in [0, 1)")
+        _check(all(s > 0 for s in self.fc_sizes), "train.fc_sizes", "must be positive widths")
+        _check(0.0 <= self.dropout < 1.0, "train.dropout", "must be in [0, 1)")
+        _check(0.0 <= self.val_fraction < 1.0, "train.val_fraction", "must be in [0, 1)")
+        _check(
+            self.select == "last" or self.val_fraction > 0,
+            "train.select",
+            f"{self.select!r} needs a validation split (set train.val_fraction)",
+        )
+        _check(self.patience >= 0, "train.patience", "must not be negative")
+        _check(
+            self.patience == 0 or self.select != "last",
+            "train.patience",
+            "early stopping needs train.select to name a validation metric",
+        )
+        _check(
+            not self.init_text or self.model == "fusion" or self.model == "text",
+            "train.init_text",
+            f"a {self.model} model has no text branch",
+        )
+        _check(
+            not self.init_image or self.model == "fusion" or self.model == "image",
+            "train.init_image",
+            f"a {self.model} model has no image branch",
+        )
+        _check(
+            self.freeze_branches_epochs >= 0, "train.freeze_branches_epochs", "must not be negative"
+        )
+        _check(self.workers >= 0, "train.workers", "must not be negative")
+        _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", "must not be negative")
 
 
 @dataclass

@@ -127,7 +127,11 @@ def run_recipe(
             continue
         resume = (run_dir / "last.pt").is_file()
         result = train(model_recipe, shards, run_dir, resume=resume, progress=progress)
-        done(f"train {model}", True, f"{result.epochs} epochs, selected epoch {result.selected_epoch}")
+        done(
+            f"train {model}",
+            True,
+            f"{result.epochs} epochs, selected epoch {result.selected_epoch}",
+        )
 
     for model, run_dir in runs.items():
         evaluation = evaluate(run_dir / "checkpoint.pt", shards, split="test", progress=progress)
@@ -139,7 +143,9 @@ def run_recipe(
     title = f"vsotools run: {recipe.name}"
     outcome.report = write_report(workdir / "report.html", runs, facts=facts, title=title)
     for model, run_dir in runs.items():
-        write_report(run_dir / "report.html", {model: run_dir}, facts=facts, title=f"{title}, {model}")
+        write_report(
+            run_dir / "report.html", {model: run_dir}, facts=facts, title=f"{title}, {model}"
+        )
     done("report", True, str(outcome.report))
     outcome.seconds = round(time.monotonic() - started, 1)
     return outcome
@@ -152,7 +158,9 @@ def results_table(results: dict[str, Any]) -> str:
     always answering the majority class.
     """
     names = {TEXT: "Text CNN (ST)", IMAGE: "Image CNN (SV)", FUSION: "Deep fusion CNN"}
-    lines = [f"{'Method':<18}{'Prec.':>7}{'Rec.':>7}{'F1':>7}{'Acc.':>7}{'macroF1':>9}{'major.':>8}"]
+    lines = [
+        f"{'Method':<18}{'Prec.':>7}{'Rec.':>7}{'F1':>7}{'Acc.':>7}{'macroF1':>9}{'major.':>8}"
+    ]
     for model in [m for m in TABLE_ORDER if m in results]:
         m = results[model]
         lines.append(

@@ -1,0 +1,296 @@
+"""``vsotools train``, ``evaluate`` and ``predict`` on tiny real shard sets, through the library,
+the command line, a killed and resumed subprocess, and ``torchrun`` with two CPU processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_vsotools
+from shardkit import sample_image, tiny_recipe_overrides, tiny_set_arguments, write_shard_set
+
+from vsotools import checkpoint as ckpt
+from vsotools.config import Recipe
+from vsotools.data.loader import LoaderError
+from vsotools.errors import ConfigError
+from vsotools.evaluate import evaluate
+from vsotools.train import RunError, train
+
+pytestmark = pytest.mark.slow
+
+
+def recipe(**changes) -> Recipe:
+    return Recipe().override(tiny_recipe_overrides(**changes))
+
+
+def read_lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """240 train samples in 4 shards, 80 test samples in 2."""
+    return write_shard_set(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def runs(shards, tmp_path_factory) -> dict[str, Path]:
+    """A text, an image and a fusion run of 3 epochs each."""
+    root = tmp_path_factory.mktemp("runs")
+    for kind in ("text", "image", "fusion"):
+        train(recipe(model=kind, epochs=3), shards, root / kind, progress=False)
+    return {kind: root / kind for kind in ("text", "image", "fusion")}
+
+
+def test_training_reduces_the_loss_and_learns_the_signal(runs):
+    for kind in ("image", "fusion"):
+        lines = read_lines(runs[kind])
+        assert [r["epoch"] for r in lines] == [1, 2, 3]
+        assert [r["step"] for r in lines] == [12, 24, 36]  # 240 samples / batch 20
+        assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+        assert lines[-1]["test_loss"] < lines[0]["test_loss"]
+        assert lines[-1]["test_accuracy"] > lines[-1]["test_majority_rate"]
+
+
+def test_every_epoch_line_has_what_the_report_plots(runs):
+    for line in read_lines(runs["fusion"]):
+        for key in ("epoch", "step", "lr", "train_loss", "train_accuracy", "test_loss",
+                    "test_accuracy", "seconds", "samples_per_s", "test_macro_f1",
+                    "test_roc_auc", "test_majority_rate", "test_confusion"):  # fmt: skip
+            assert key in line, key
+        assert line["train_samples"] == 240
+
+
+def test_the_run_folder_holds_recipe_vectors_and_a_weights_only_checkpoint(runs):
+    run = runs["fusion"]
+    assert {p.name for p in run.iterdir()} >= {
+        "recipe.toml", "word2vec.bin", "last.pt", "checkpoint.pt", "metrics.jsonl", "metrics.json",
+    }  # fmt: skip
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["model_type"] == "fusion"
+    assert state["epoch"] == 3 and state["step"] == 36
+    assert {"model", "optimizer", "scheduler", "rng", "recipe", "vocab"} <= set(state)
+    assert state["vocab"][:2] == ["<pad>", "<unk>"]
+    assert "[train]" in state["recipe"]
+    assert ckpt.recipe_of(state).train.crop_size == 64
+
+
+def test_evaluate_reproduces_the_metrics_train_saved(runs, shards):
+    saved = json.loads((runs["fusion"] / "metrics.json").read_text())
+    report = evaluate(runs["fusion"] / "checkpoint.pt", shards, progress=False)
+    m = report.metrics
+    assert m.n == saved["n"] == 80
+    assert m.confusion == saved["confusion"]
+    for key in ("accuracy", "precision", "recall", "f1", "macro_f1", "majority_rate"):
+        assert getattr(m, key) == saved[key], key
+    assert m.loss == pytest.approx(saved["loss"], rel=1e-4)
+    assert m.roc_auc == pytest.approx(saved["roc_auc"], abs=1e-6)
+
+
+def test_evaluate_command_text_and_json(cli, runs, shards):
+    result = cli("evaluate", "--checkpoint", runs["image"] / "checkpoint.pt", "--shards", shards)
+    assert result.code == 0, result.err
+    assert "predicted ->" in result.out and "true positive" in result.out
+    assert "| image |" in result.out
+    result = cli(
+        "evaluate", "--checkpoint", runs["text"] / "checkpoint.pt", "--shards", shards,
+        "--split", "train", "--json",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    data = json.loads(result.out)
+    assert {"accuracy", "precision", "recall", "f1", "n", "macro_f1", "roc_auc"} <= set(data)
+    assert data["n"] == 240 and data["split"] == "train"
+
+
+def test_evaluate_names_a_missing_checkpoint_or_split(cli, runs, shards, tmp_path):
+    result = cli("evaluate", "--checkpoint", tmp_path / "nope.pt", "--shards", shards)
+    assert result.code == 1 and "checkpoint not found" in result.err
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    result = cli("evaluate", "--checkpoint", tmp_path / "bad.pt", "--shards", shards)
+    assert result.code == 1 and "not a readable checkpoint" in result.err
+    result = cli(
+        "evaluate", "--checkpoint", runs["text"] / "checkpoint.pt", "--shards", shards,
+        "--split", "val",
+    )  # fmt: skip
+    assert result.code == 1 and "no 'val' split" in result.err
+
+
+def test_predict_needs_only_the_inputs_a_model_reads(cli, runs, tmp_path):
+    import random
+
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(sample_image(random.Random(1), 1, 300))  # larger than the shard size
+    result = cli("predict", "--checkpoint", runs["fusion"] / "checkpoint.pt",
+                 "--image", image, "--text", "a lovely sunny day", "--json")  # fmt: skip
+    assert result.code == 0, result.err
+    data = json.loads(result.out)
+    assert data["label"] in ("positive", "negative") and 0.5 <= data["probability"] <= 1
+    assert data["label"] == "positive"  # warm colours: what the image branch learned
+    result = cli("predict", "--checkpoint", runs["text"] / "checkpoint.pt", "--text", "sad day")
+    assert result.code == 0, result.err
+    label, probability = result.out.split()
+    assert label in ("positive", "negative") and 0.5 <= float(probability) <= 1
+    result = cli("predict", "--checkpoint", runs["image"] / "checkpoint.pt", "--image", image)
+    assert result.code == 0 and result.out.startswith("positive"), result.err
+    result = cli("predict", "--checkpoint", runs["fusion"] / "checkpoint.pt", "--text", "hi")
+    assert result.code == 1 and "give --image" in result.err
+
+
+def test_a_finished_run_is_not_overwritten_and_resume_refuses_another_recipe(runs, shards):
+    with pytest.raises(RunError, match="already holds a training run; pass --resume"):
+        train(recipe(model="text", epochs=3), shards, runs["text"], progress=False)
+    with pytest.raises(RunError, match=r"train.lr is 0.01 here but 0.003"):
+        train(recipe(model="text", lr=0.01), shards, runs["text"], resume=True, progress=False)
+
+
+def test_train_command_prints_the_table_row(cli, shards, tmp_path):
+    result = cli("train", "--shards", shards, "--out", tmp_path / "run", "--model", "text",
+                 *tiny_set_arguments(), "--epochs", "1")  # fmt: skip
+    assert result.code == 0, result.err
+    assert "| Method | Prec. | Rec. | F1 | Acc. |" in result.out
+    assert "| text |" in result.out
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_too_few_shards_for_the_workers_is_a_clear_error(cli, shards, tmp_path):
+    result = cli("train", "--shards", shards, "--out", tmp_path / "run", *tiny_set_arguments(),
+                 "--workers", "5")  # fmt: skip
+    assert result.code == 1
+    assert "4 shard(s) but training reads it with 1 process(es) x 5 loader worker(s)" in result.err
+    with pytest.raises(LoaderError):
+        train(recipe(workers=5), shards, tmp_path / "run2", progress=False)
+
+
+def test_warm_start_from_branch_checkpoints_with_frozen_branches(runs, shards, tmp_path):
+    text_state = ckpt.load_checkpoint(runs["text"] / "checkpoint.pt")
+    image_state = ckpt.load_checkpoint(runs["image"] / "checkpoint.pt")
+    warm = recipe(
+        model="fusion",
+        epochs=1,
+        init_text=str(runs["text"] / "checkpoint.pt"),
+        init_image=str(runs["image"] / "checkpoint.pt"),
+        freeze_branches_epochs=1,
+    )
+    train(warm, shards, tmp_path / "warm", progress=False)
+    state = ckpt.load_checkpoint(tmp_path / "warm" / "checkpoint.pt")
+    assert state["vocab"] == text_state["vocab"]
+    for name, source in (("text.", text_state), ("image.", image_state)):
+        for key, value in source["model"].items():
+            if key.startswith(name):
+                assert torch.equal(state["model"][key], value), key  # frozen in epoch 1
+    # Resuming for a second epoch unfreezes the branches.
+    longer = warm.override({"train.epochs": 2})
+    train(longer, shards, tmp_path / "warm", resume=True, progress=False)
+    state = ckpt.load_checkpoint(tmp_path / "warm" / "checkpoint.pt")
+    assert not torch.equal(
+        state["model"]["image.layers.0.weight"], image_state["model"]["image.layers.0.weight"]
+    )
+    assert [r["frozen_branches"] for r in read_lines(tmp_path / "warm")] == [True, False]
+
+
+def test_a_branch_from_a_model_without_it_is_refused(runs, shards, tmp_path):
+    bad = recipe(model="fusion", init_image=str(runs["text"] / "checkpoint.pt"))
+    with pytest.raises(Exception, match="text model without a image branch"):
+        train(bad, shards, tmp_path / "bad", progress=False)
+
+
+def test_validation_carve_selects_the_best_epoch_and_stops_early(tmp_path):
+    skewed = write_shard_set(tmp_path / "skewed", train=240, test=60, positive_rate=0.75, seed=4)
+    settings = recipe(
+        model="image", epochs=4, val_fraction=0.25, select="val_loss", patience=1,
+        class_weights="balanced", scale_jitter=0.2, color_jitter=0.3, lr=3e-3,
+    )  # fmt: skip
+    report = train(settings, skewed, tmp_path / "run", progress=False)
+    lines = read_lines(tmp_path / "run")
+    assert all("val_loss" in r and "val_macro_f1" in r for r in lines)
+    assert lines[0]["val_n"] + lines[0]["train_samples"] >= 240 - 20  # one partial batch dropped
+    best = min(lines, key=lambda r: r["val_loss"])
+    assert report.selected_epoch == best["epoch"]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["selected_epoch"] == best["epoch"] and saved["selected_by"] == "val_loss"
+    assert saved["accuracy"] == best["test_accuracy"]
+    assert ckpt.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == best["epoch"]
+    if best["epoch"] < len(lines):
+        assert len(lines) == best["epoch"] + 1  # patience 1: one epoch without improvement
+
+
+def test_a_killed_run_resumes_where_its_checkpoint_left_off(shards, tmp_path, cli):
+    run = tmp_path / "run"
+    exe = Path(sys.executable).with_name("vsotools")
+    command = [str(exe), "-q", "train", "--shards", str(shards), "--out", str(run),
+               "--model", "fusion", *tiny_set_arguments(), "--epochs", "40"]  # fmt: skip
+    # Its own process group, so that the kill takes its loader workers too (as a machine's loss
+    # would) and leaves no orphan behind.
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "last.pt").exists():
+            assert process.poll() is None, process.communicate()[1].decode()
+            assert time.monotonic() < deadline, "no checkpoint within 2 minutes"
+            time.sleep(0.02)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    killed_at = ckpt.load_checkpoint(run / "last.pt")["epoch"]
+    assert 1 <= killed_at < 40
+    epochs = str(killed_at + 1)
+    result = cli("train", "--shards", shards, "--out", run, "--resume", "--epochs", epochs)
+    assert result.code == 0, result.err
+    assert f"resuming after epoch {killed_at} (step {12 * killed_at})" in result.err
+    lines = read_lines(run)
+    assert [r["epoch"] for r in lines] == list(range(1, killed_at + 2))
+    assert [r["step"] for r in lines] == [12 * e for e in range(1, killed_at + 2)]
+
+    # The resumed run ends where an uninterrupted one does.
+    straight = tmp_path / "straight"
+    train(recipe(model="fusion", epochs=killed_at + 1), shards, straight, progress=False)
+    resumed = ckpt.load_checkpoint(run / "checkpoint.pt")["model"]
+    uninterrupted = ckpt.load_checkpoint(straight / "checkpoint.pt")["model"]
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], value, msg=key)
+
+
+def test_torchrun_trains_on_two_cpu_processes_with_equal_steps(shards, tmp_path):
+    run = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "vsotools", "train", "--shards", str(shards), "--out", str(run),
+        "--model", "fusion", *tiny_set_arguments(), "--epochs", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for epoch in (1, 2):
+        # 240 samples / (batch 20 x 2 ranks) = 6 steps per rank per epoch, 2 shards per rank
+        for rank in (0, 1):
+            assert f"rank {rank}/2 epoch {epoch}: 6 steps, 120 samples" in done.stderr
+    lines = read_lines(run)
+    assert [r["step"] for r in lines] == [6, 12]
+    assert all(r["train_samples"] == 240 and r["test_n"] == 80 for r in lines)
+    assert done.stdout.count("| fusion |") == 1  # rank 0 alone prints the report
+    result = run_vsotools(
+        "evaluate", "--checkpoint", run / "checkpoint.pt", "--shards", shards, "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        json.loads(result.stdout)["accuracy"]
+        == json.loads((run / "metrics.json").read_text())["accuracy"]
+    )
+
+
+def test_gpu_decode_on_a_cpu_is_refused_before_any_work(shards, tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.gpu_decode needs a CUDA device"):
+        train(recipe(gpu_decode=True), shards, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,2 @@
+"""Data for training: the vocabulary and word vectors (``vocab``), the streaming shard loader
+(``loader``)."""
