@@ -77,7 +77,7 @@ class CorpusReport:
 def make_corpus(
     out_dir: str | Path,
     *,
-    photos: int = 480,
+    photos: int = 800,
     seed: int = 2017,
     manifest: str | Path = DEMO_MANIFEST,
 ) -> CorpusReport:

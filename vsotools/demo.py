@@ -38,7 +38,7 @@ def run_demo(
     workdir: str | Path,
     recipe: Recipe | None = None,
     *,
-    photos: int = 480,
+    photos: int = 800,
     port: int = DEMO_PORT,
     progress: bool = False,
     on_stage=None,

@@ -93,7 +93,10 @@ def write_report(
     assets = out.with_name(f"{out.stem}-files")
     assets.mkdir(parents=True, exist_ok=True)
     plot = _plotter(assets)
-    results = {name: _read_run(Path(path)) for name, path in runs.items()}
+    order = [m for m in ("text", "image", "fusion") if m in runs] + [
+        m for m in runs if m not in MODEL_TITLES
+    ]
+    results = {name: _read_run(Path(runs[name])) for name in order}
     facts = facts or DatasetFacts()
 
     body = [f"<h1>{html.escape(title)}</h1>"]

@@ -219,7 +219,9 @@ def _train(
             steps=steps, desc=f"epoch {epoch + 1}/{config.epochs}", progress=show,
         )  # fmt: skip
         step += stats["steps"]
-        log.info(
+        # Per-rank step counts matter (and are shown) when several processes train.
+        log.log(
+            logging.INFO if context.world_size > 1 else logging.DEBUG,
             "rank %d/%d epoch %d: %d steps, %d samples",
             context.rank, context.world_size, epoch + 1, stats["steps"], stats["samples"],
         )  # fmt: skip
