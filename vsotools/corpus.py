@@ -55,7 +55,7 @@ _FEELINGS_NEGATIVE = (
 )  # fmt: skip
 _PLACES = (
     "the harbour", "the old town", "the park", "the station", "the market", "the hills",
-    "the river bank", "the bridge", "the square", "the coast road", "the garden", "the pier",
+    "the river bank", "the bridge", "the square", "the lake shore", "the museum", "the pier",
 )  # fmt: skip
 _NEUTRAL = (
     "taken on", "from", "near", "shot with my", "camera", "lens", "at", "around", "noon",
