@@ -1,0 +1,118 @@
+"""vsotools run on a pairs recipe: every stage, per-model settings, fusion from the branches."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from vsotools import corpus
+from vsotools.checkpoint import load_checkpoint
+from vsotools.config import load_recipe
+from vsotools.images import encode_jpeg
+
+pytestmark = pytest.mark.slow
+
+RECIPE = """
+name = "tiny-pairs"
+
+[fetch]
+pairs = "pairs.jsonl"
+
+[filter]
+min_words = 1
+
+[shard]
+image_size = 72
+maxcount = 30
+readers = 1
+
+[train]
+batch_size = 16
+lr = 1e-3
+epochs = 2
+word_dim = 16
+num_filters = 8
+crop_size = 64
+conv_channels = [8, 16, 16, 16, 16]
+fc_sizes = [32, 16]
+workers = 1
+w2v_epochs = 5
+
+[run]
+models = ["fusion", "text", "image"]
+fusion_from_branches = true
+image_set = ["train.epochs=1", "train.class_weights=balanced"]
+fusion_set = ["train.freeze_branches_epochs=1"]
+"""
+
+
+@pytest.fixture(scope="module")
+def pairs_recipe(tmp_path_factory) -> Path:
+    """A pairs file of 120 photos whose label shows in the text and the image."""
+    root = tmp_path_factory.mktemp("pairs")
+    rng = random.Random(5)
+    (root / "images").mkdir()
+    lines = []
+    for i in range(120):
+        label = i % 2
+        image = f"images/{i}.jpg"
+        (root / image).write_bytes(encode_jpeg(corpus.draw_image(rng, label)))
+        words = corpus._POSITIVE_WORDS if label else corpus._NEGATIVE_WORDS
+        text = f"a {rng.choice(words)} day by the sea, {rng.choice(words)} indeed"
+        label_name = "positive" if label else "negative"
+        lines.append(json.dumps({"id": f"t{i}", "text": text, "label": label_name, "image": image}))
+    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "tiny.toml").write_text(RECIPE)
+    return root / "tiny.toml"
+
+
+@pytest.fixture(scope="module")
+def finished(pairs_recipe, tmp_path_factory):
+    from conftest import run_vsotools
+
+    workdir = tmp_path_factory.mktemp("run") / "work"
+    done = run_vsotools("run", pairs_recipe, "--workdir", workdir, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir, done.stdout
+
+
+def test_every_stage_runs_and_branches_train_before_fusion(finished):
+    workdir, stdout = finished
+    stages = [line.split("]")[0][1:] for line in stdout.splitlines() if line.startswith("[")]
+    assert stages == [
+        "fetch", "filter", "shard", "train text", "train image", "train fusion", "evaluate",
+        "report",
+    ]  # fmt: skip
+    assert "Deep fusion CNN" in stdout and "Text CNN (ST)" in stdout
+
+
+def test_each_model_gets_its_own_settings(finished):
+    workdir, _ = finished
+    epochs = {
+        model: len((workdir / f"train-{model}" / "metrics.jsonl").read_text().splitlines())
+        for model in ("text", "image", "fusion")
+    }
+    assert epochs == {"text": 2, "image": 1, "fusion": 2}
+    image = load_recipe(workdir / "train-image" / "recipe.toml").train
+    assert (image.model, image.class_weights) == ("image", "balanced")
+    fusion = load_recipe(workdir / "train-fusion" / "recipe.toml").train
+    assert fusion.init_text == str(workdir / "train-text" / "checkpoint.pt")
+    assert fusion.init_image == str(workdir / "train-image" / "checkpoint.pt")
+    assert fusion.freeze_branches_epochs == 1
+
+
+def test_the_fusion_starts_from_the_trained_branches(finished):
+    workdir, _ = finished
+    text = load_checkpoint(workdir / "train-text" / "checkpoint.pt")
+    fusion = load_checkpoint(workdir / "train-fusion" / "checkpoint.pt")
+    assert fusion["vocab"] == text["vocab"], "the fusion reads with the text run's vocabulary"
+
+
+def test_changed_training_settings_on_a_finished_run_are_refused(pairs_recipe, finished, cli):
+    workdir, _ = finished
+    result = cli("run", pairs_recipe, "--workdir", workdir, "--set", "train.lr=0.5")
+    assert result.code == 1
+    assert "holds a finished text run with other training settings" in result.err
