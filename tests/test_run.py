@@ -80,7 +80,7 @@ def finished(pairs_recipe, tmp_path_factory):
 
 
 def test_every_stage_runs_and_branches_train_before_fusion(finished):
-    workdir, stdout = finished
+    _, stdout = finished
     stages = [line.split("]")[0][1:] for line in stdout.splitlines() if line.startswith("[")]
     assert stages == [
         "fetch", "filter", "shard", "train text", "train image", "train fusion", "evaluate",

@@ -75,6 +75,10 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="dataset recipe (pipelines/*.toml); default: the paper's VSO settings",
     )
+    _add_set_argument(parser)
+
+
+def _add_set_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
         dest="assignments",
@@ -832,14 +836,7 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="Flickr key file (KEY=value lines); default: FLICKR_API_KEY / FLICKR_API_SECRET",
     )
-    run.add_argument(
-        "--set",
-        dest="assignments",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override any recipe key, e.g. --set train.epochs=5 (repeatable)",
-    )
+    _add_set_argument(run)
     run.set_defaults(run=_run)
 
     demo = commands.add_parser(
@@ -854,14 +851,7 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
         "--workdir", type=Path, default=Path("runs/demo"), help="work folder (default: runs/demo)"
     )
     demo.add_argument("--photos", type=int, default=800, help="photos in the corpus (default 800)")
-    demo.add_argument(
-        "--set",
-        dest="assignments",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a key of the demo recipe (repeatable)",
-    )
+    _add_set_argument(demo)
     demo.set_defaults(run=_demo)
 
 
