@@ -72,7 +72,7 @@ def dataset_facts(
                 batch.column("label_name").to_pylist(),
                 strict=True,
             ):
-                for anp in anps or ["(given label)"]:
+                for anp in anps or ():  # pairs datasets have no ANPs: no such plot
                     per_anp.setdefault(anp, Counter())[label] += 1
         facts.photos_per_anp = {a: dict(c) for a, c in per_anp.items()}
     return facts
@@ -392,7 +392,7 @@ class _Plots:
 
     def per_anp(self, name: str, per_anp: dict[str, dict[str, int]], top: int = 40) -> Path:
         items = sorted(per_anp.items(), key=lambda kv: -sum(kv[1].values()))[:top]
-        fig, ax = self.plt.subplots(figsize=(8, 0.6 + 0.24 * len(items)))
+        fig, ax = self.plt.subplots(figsize=(8, max(2.5, 0.8 + 0.24 * len(items))))
         names = [a for a, _ in items][::-1]
         left = [0] * len(names)
         for k, label in enumerate(LABEL_NAMES):
