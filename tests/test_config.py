@@ -61,7 +61,7 @@ def test_paths_are_relative_to_the_recipe_folder(tmp_path):
         ('[filter]\ngroup_by = "user"\n', "filter.group_by: expected one of ['photo', 'owner']"),
         ("filter = 3\n", "filter: expected a table"),
         ("[filter]\nmin_words = 10\nmax_words = 5\n", "filter.max_words: must be at least"),
-        ("[filter]\ntest_fraction = 1.5\n", "filter.test_fraction: must be in (0, 1)"),
+        ("[filter]\ntest_fraction = 1.5\n", "filter.test_fraction: must be in (0, 1]"),
         ("[filter\n", "not valid TOML"),
     ],
 )

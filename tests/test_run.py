@@ -116,3 +116,32 @@ def test_changed_training_settings_on_a_finished_run_are_refused(pairs_recipe, f
     result = cli("run", pairs_recipe, "--workdir", workdir, "--set", "train.lr=0.5")
     assert result.code == 1
     assert "holds a finished text run with other training settings" in result.err
+
+
+def test_checkpoints_evaluate_on_a_held_out_pairs_file(pairs_recipe, finished, cli, tmp_path):
+    """How a team checks a recipe on pairs it has never seen: every pair into test, then evaluate."""
+    workdir, _ = finished
+    held_out = tmp_path / "held-out"
+    held_out.mkdir()
+    lines = (pairs_recipe.parent / "pairs.jsonl").read_text().splitlines()[:40]
+    for line in lines:  # the same photos under new ids and paths: a second, separate pairs file
+        record = json.loads(line)
+        image = held_out / Path(record["image"]).name
+        image.write_bytes((pairs_recipe.parent / record["image"]).read_bytes())
+        record.update(id="h" + record["id"], image=str(image))
+        with (held_out / "pairs.jsonl").open("a") as out:
+            out.write(json.dumps(record) + "\n")
+    data, shards = tmp_path / "data", tmp_path / "shards"
+    assert cli("fetch", "--pairs", held_out / "pairs.jsonl", "--out", data).code == 0
+    filtered = cli("filter", data, "--recipe", pairs_recipe, "--test-fraction", "1")
+    assert filtered.code == 0, filtered.err
+    assert cli("shard", data, "--out", shards, "--recipe", pairs_recipe).code == 0
+    splits = json.loads((shards / "manifest.json").read_text())["splits"]
+    assert sum(shard["samples"] for shard in splits["test"]) == 40
+    assert not splits.get("train")
+    for model in ("text", "image", "fusion"):
+        checkpoint = workdir / f"train-{model}" / "checkpoint.pt"
+        result = cli("evaluate", "--checkpoint", checkpoint, "--shards", shards, "--json")
+        assert result.code == 0, result.err
+        metrics = json.loads(result.out)
+        assert metrics["n"] == 40 and 0.0 <= metrics["accuracy"] <= 1.0

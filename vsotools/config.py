@@ -207,7 +207,7 @@ class FilterConfig:
             "filter.max_words",
             f"must be at least filter.min_words ({self.max_words} < {self.min_words})",
         )
-        _check(0.0 < self.test_fraction < 1.0, "filter.test_fraction", "must be in (0, 1)")
+        _check(0.0 < self.test_fraction <= 1.0, "filter.test_fraction", "must be in (0, 1]")
         _check(bool(self.text_fields), "filter.text_fields", "must name at least one field")
         _check(self.workers >= 0, "filter.workers", "must not be negative")
 
