@@ -13,12 +13,18 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vsotools import __version__, anps, schema, shards, verify
-from vsotools import filter as filtering
 from vsotools.config import Recipe, load_recipe
 from vsotools.errors import ConfigError, VsoError
+
+if TYPE_CHECKING:
+    from vsotools.filter import FilterReport
+
+# Stage modules with heavy imports (nltk, torch, gensim) are imported by the commands that use
+# them: the shard writer's worker processes start by importing this module again (spawn), and
+# every command would otherwise pay for all of them.
 
 log = logging.getLogger("vsotools")
 
@@ -465,6 +471,8 @@ def _add_filter_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _filter(args: argparse.Namespace) -> int:
+    from vsotools import filter as filtering
+
     text_fields = None
     if args.text_fields is not None:
         text_fields = [f.strip() for f in args.text_fields.split(",") if f.strip()]
@@ -490,7 +498,9 @@ def _filter(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_filter_report(report: filtering.FilterReport, recipe: Recipe) -> None:
+def _print_filter_report(report: FilterReport, recipe: Recipe) -> None:
+    from vsotools import filter as filtering
+
     cfg = recipe.filter
     rules = [
         (filtering.NOT_FETCHED, "image not fetched"),
