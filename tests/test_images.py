@@ -65,3 +65,24 @@ def test_transparent_and_grey_images_become_rgb():
     rgba = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
     assert images.to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
     assert images.to_rgb(Image.new("L", (4, 4), 7)).getpixel((0, 0)) == (7, 7, 7)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied(fmt):
+    """A camera photo stored sideways with orientation 6 (rotate 90 clockwise) comes out upright."""
+    image = Image.new("RGB", (40, 20), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 20, 20))  # left half red as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, exif=exif.tobytes())
+    upright = images.load_rgb(buffer.getvalue())
+    assert upright.size == (20, 40)
+    red, _, blue = upright.getpixel((10, 5))  # the stored left half is now on top
+    assert red > 200 and blue < 60
+
+
+def test_a_jpeg_without_exif_is_kept_as_stored():
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 20), (0, 128, 0)).save(buffer, "JPEG")
+    assert images.load_rgb(buffer.getvalue()).size == (40, 20)

@@ -73,6 +73,10 @@ def validate_image(data: bytes, limits: ImageLimits = ImageLimits()) -> ImageInf
     return ImageInfo(format=image.format or "", width=width, height=height)
 
 
+# Where Pillow finds a JPEG's orientation tag.
+_JPEG_ORIENTATION_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp")
+
+
 def load_rgb(
     data: bytes,
     *,
@@ -91,7 +95,10 @@ def load_rgb(
         if scale >= 2:
             image.draft("RGB", (image.size[0] / scale, image.size[1] / scale))
     _load(image)
-    image = ImageOps.exif_transpose(image)
+    if image.format != "JPEG" or any(key in image.info for key in _JPEG_ORIENTATION_SOURCES):
+        image = ImageOps.exif_transpose(image)
+    # else: a JPEG with no EXIF or XMP (every image a shard holds) has no orientation to apply,
+    # and exif_transpose would only copy it.
     return to_rgb(image)
 
 
