@@ -11,6 +11,7 @@ from vsotools.models import (
     TextCNN,
     alexnet_output_side,
     build_model,
+    drop_modalities,
     masked_max_avg_min,
 )
 
@@ -110,3 +111,40 @@ def test_word_vectors_can_be_tuned_when_asked():
     model(torch.tensor([[1, 2, 3]]), torch.tensor([3])).sum().backward()
     assert model.embedding.weight.grad is not None
     assert model.embedding.weight.grad[0].abs().sum() == 0  # padding stays zero
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_modality_dropout_drops_one_branch_per_sample_at_most(p):
+    torch.manual_seed(0)
+    text, image = torch.ones(20_000, 6), torch.ones(20_000, 4)
+    kept_text, kept_image = drop_modalities(text, image, p)
+    text_gone = kept_text.sum(dim=1) == 0
+    image_gone = kept_image.sum(dim=1) == 0
+    assert not (text_gone & image_gone).any()
+    assert abs(text_gone.float().mean().item() - p) < 0.02
+    assert abs(image_gone.float().mean().item() - p) < 0.02
+    assert ((kept_text == 0) | (kept_text == 1)).all()  # zeroed whole, never rescaled
+
+
+def test_modality_dropout_acts_only_in_training():
+    config = TrainConfig(
+        model="fusion",
+        crop_size=64,
+        conv_channels=[4, 8, 8, 8, 8],
+        fc_sizes=[16],
+        word_dim=6,
+        num_filters=3,
+        dropout=0.0,
+        modality_dropout=0.5,
+    )
+    model = build_model(config, torch.randn(20, 6))
+    inputs = {
+        "tokens": torch.randint(1, 20, (8, 12)),
+        "lengths": torch.full((8,), 12),
+        "images": torch.randn(8, 3, 64, 64),
+    }
+    model.eval()
+    assert torch.equal(model(**inputs), model(**inputs))
+    model.train()
+    torch.manual_seed(1)
+    assert not torch.allclose(model(**inputs), model.eval()(**inputs))

@@ -347,6 +347,10 @@ class TrainConfig:
     """Hidden fully connected layers before the 2-way output (three FC layers in all)."""
     dropout: float = 0.5
     """Dropout before each fully connected layer."""
+    modality_dropout: float = 0.0
+    """Off by default. Fusion only: in training, each sample loses its text features with this
+    probability, or else its image features with the same probability (never both), so the head
+    learns to use each branch alone too (ModDrop, Neverova et al. 2015)."""
 
     # --- the loss, model selection and warm starts (off by default) ---
     class_weights: Literal["none", "balanced"] = "none"
@@ -413,6 +417,7 @@ class TrainConfig:
         _check(0.0 <= self.color_jitter < 1.0, "train.color_jitter", "must be in [0, 1)")
         _check(all(s > 0 for s in self.fc_sizes), "train.fc_sizes", "must be positive widths")
         _check(0.0 <= self.dropout < 1.0, "train.dropout", "must be in [0, 1)")
+        _check(0.0 <= self.modality_dropout <= 0.5, "train.modality_dropout", "must be in [0, 0.5]")
         _check(0.0 <= self.val_fraction < 1.0, "train.val_fraction", "must be in [0, 1)")
         _check(
             self.select == "last" or self.val_fraction > 0,

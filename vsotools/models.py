@@ -128,12 +128,14 @@ class SentimentNet(nn.Module):
         fc_sizes: list[int],
         dropout: float,
         num_classes: int = 2,
+        modality_dropout: float = 0.0,
     ):
         super().__init__()
         if text is None and image is None:
             raise ValueError("a model needs at least one branch")
         self.text = text
         self.image = image
+        self.modality_dropout = modality_dropout
         width = (text.feature_dim if text else 0) + (image.feature_dim if image else 0)
         layers: list[nn.Module] = []
         for size in fc_sizes:
@@ -166,7 +168,11 @@ class SentimentNet(nn.Module):
             if images is None:
                 raise ValueError("this model reads images: pass images")
             features.append(self.image(images))
-        return self.head(torch.cat(features, dim=1) if len(features) > 1 else features[0])
+        if len(features) == 1:
+            return self.head(features[0])
+        if self.training and self.modality_dropout:
+            features = drop_modalities(features[0], features[1], self.modality_dropout)
+        return self.head(torch.cat(features, dim=1))
 
     def branches(self) -> dict[str, nn.Module]:
         """The branches this model has, by name (``text``, ``image``)."""
@@ -175,6 +181,15 @@ class SentimentNet(nn.Module):
             for name, module in (("text", self.text), ("image", self.image))
             if module is not None
         }
+
+
+def drop_modalities(text: torch.Tensor, image: torch.Tensor, p: float) -> list[torch.Tensor]:
+    """Per sample: the text features zeroed with probability ``p``, else the image features
+    with probability ``p`` (``p`` at most 0.5: never both)."""
+    draw = torch.rand(text.shape[0], 1, device=text.device)
+    keep_text = (draw >= p).to(text.dtype)
+    keep_image = ((draw < p) | (draw >= 2 * p)).to(image.dtype)
+    return [text * keep_text, image * keep_image]
 
 
 def build_model(config: TrainConfig, embeddings: torch.Tensor | None = None) -> SentimentNet:
@@ -187,4 +202,6 @@ def build_model(config: TrainConfig, embeddings: torch.Tensor | None = None) -> 
     image = None
     if config.model in ("fusion", "image"):
         image = AlexNetFeatures(config.conv_channels, config.crop_size)
-    return SentimentNet(text, image, config.fc_sizes, config.dropout)
+    return SentimentNet(
+        text, image, config.fc_sizes, config.dropout, modality_dropout=config.modality_dropout
+    )
