@@ -173,6 +173,23 @@ def test_evaluation_crop_is_the_centre_and_does_not_flip():
     np.testing.assert_array_equal(crop, pixels[4:68, 8:72].astype(np.uint8))
 
 
+def test_larger_images_give_the_crop_of_the_decode_side():
+    """Shards of a larger image_size than the model's decode side (128 for 112-pixel crops)
+    give the same evaluation crop, resized: the model sees what it was trained on."""
+    rng = np.random.default_rng(1)
+    small = Image.fromarray(rng.integers(0, 256, size=(16, 20, 3), dtype=np.uint8))
+    decoder = SampleDecoder(vocab=None, max_words=4, crop_size=112, train=False)
+    crops = []
+    for side in (128, 150):  # 150: no DCT scale brings it to 128
+        image = small.resize((side * 20 // 16, side), Image.Resampling.BILINEAR)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        sample = {"__key__": "k", "cls": b"0", "jpg": buffer.getvalue()}
+        crops.append(decoder(sample, random.Random(0))["image"].astype(np.float32))
+    assert crops[0].shape == crops[1].shape == (112, 112, 3)
+    assert np.abs(crops[0] - crops[1]).mean() < 6
+
+
 def test_the_text_model_never_decodes_an_image(tmp_path):
     path = tmp_path / "train-000000.tar"
     with wds.TarWriter(str(path)) as sink:

@@ -369,7 +369,11 @@ class SampleDecoder:
             box = self._box(width, height, rng, scale=min(width, height) / decode_side(crop))
             return {"jpeg": np.frombuffer(data, dtype=np.uint8), "box": box}
         image = image_rules.load_rgb(data, shorter_side_at_least=decode_side(crop))
-        x0, y0, side, flip = self._box(*image.size, rng, scale=1.0)
+        # Shards written for this crop size decode to its decode side exactly (scale 1); from
+        # larger images (shards of another image_size, JPEG's DCT scales being powers of two)
+        # the crop covers the same share of the image and is resized.
+        scale = min(image.size) / decode_side(crop)
+        x0, y0, side, flip = self._box(*image.size, rng, scale=scale)
         box = (x0, y0, x0 + side, y0 + side)
         if side == crop:
             region = image.crop(box)
