@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import run_vsotools
 
 from vsotools import anps
+from vsotools.corpus import DEMO_MANIFEST
 from vsotools.schema import NEGATIVE, POSITIVE
 
 
@@ -221,3 +225,21 @@ def test_console_script_runs_as_a_subprocess(vso_release, tmp_path):
     done = run_vsotools("anps", "stats", tmp_path / "missing.csv")
     assert done.returncode == 1
     assert done.stderr.strip() == f"vsotools: error: {tmp_path / 'missing.csv'}: no such file"
+
+
+def test_a_closed_output_pipe_ends_quietly():
+    """`vsotools anps stats ... | head -0`: no traceback, no error line, a failure status."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "vsotools", "anps", "stats", str(DEMO_MANIFEST)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1
+    assert done.stderr == ""

@@ -865,7 +865,7 @@ def _report(
     warnings = []
     readers = (manifest.build.get("settings") or {}).get("readers", 1)
     train_shards = splits[TRAIN].shards if TRAIN in splits else 0
-    if train_shards < readers:
+    if 0 < train_shards < readers:  # none at all: a set made only to evaluate on
         warnings.append(
             f"only {train_shards} train shards for shard.readers={readers} loader processes:"
             " some readers would get no shard; train with fewer readers or on more data"
