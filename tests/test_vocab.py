@@ -32,6 +32,18 @@ def test_tokens_are_the_project_tokens_lowercased():
     assert model_tokens("Great", lowercase=False) == ["Great"]
 
 
+def test_tweet_tokens_share_mentions_and_split_hashtags():
+    text = "RT @JoeyXcv: so #Happy today, happy @ home #"
+    assert model_tokens(text, lowercase=True, tweets=True) == [
+        "rt", "@user", ":", "so", "#", "happy", "today", ",", "happy", "@", "home", "#",
+    ]  # fmt: skip
+    vocab = Vocabulary.build([model_tokens(text, True, True)], 1, lowercase=True, tweets=True)
+    assert vocab.encode("#HAPPY @someone_else", 10) == [
+        vocab.index[t] for t in ("#", "happy", "@user")
+    ]
+    assert vocab != Vocabulary(vocab.words[2:], lowercase=True)  # the rules are part of it
+
+
 def test_vocabulary_orders_by_frequency_and_maps_unknown_words():
     vocab = Vocabulary.build(SENTENCES, min_count=5, lowercase=True)
     assert vocab.words[:2] == ["<pad>", "<unk>"]

@@ -7,6 +7,7 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so th
     model_type            "fusion" | "text" | "image"
     recipe                the resolved recipe as TOML text
     vocab, lowercase      the text model's words in id order (with <pad>, <unk>), or None
+    tweet_tokens          whether mentions and hashtags were normalised (absent: no)
     model                 state dict (the word vectors are its text.embedding.weight)
     optimizer, scheduler  state dicts
     epoch, step           epochs finished, optimizer steps taken
@@ -103,7 +104,11 @@ def vocabulary_of(state: dict[str, Any]) -> Vocabulary | None:
     words = state.get("vocab")
     if words is None:
         return None
-    return Vocabulary(words[len(SPECIALS) :], lowercase=bool(state["lowercase"]))
+    return Vocabulary(
+        words[len(SPECIALS) :],
+        lowercase=bool(state["lowercase"]),
+        tweets=bool(state.get("tweet_tokens", False)),
+    )
 
 
 def model_of(state: dict[str, Any]) -> tuple[SentimentNet, Recipe, Vocabulary | None]:

@@ -311,6 +311,10 @@ class TrainConfig:
     """Filters per width in the text CNN."""
     lowercase: bool = True
     """Lower-case tokens before looking them up (for the vocabulary and word2vec alike)."""
+    tweet_tokens: bool = False
+    """Off by default. For tweets: every @mention reads as one token ``@user`` and a hashtag as
+    two, ``#`` and its word, so ``#happy`` and ``happy`` share a vector (vocabulary and word2vec
+    alike)."""
     word_vectors: str = _path()
     """word2vec (binary/text) or gensim KeyedVectors file; empty: train Word2Vec on the train split."""
     w2v_algorithm: Literal["skipgram", "cbow"] = "skipgram"
@@ -335,6 +339,10 @@ class TrainConfig:
     """Side of the square crop the image branch sees (at least 63 for the AlexNet-like branch)."""
     conv_channels: list[int] = field(default_factory=lambda: [96, 256, 384, 384, 256])
     """Output channels of the five convolutional layers (AlexNet's widths)."""
+    image_norm: Literal["lrn", "batch"] = "lrn"
+    """``lrn``: AlexNet's local response normalisation after the first two convolutions (the
+    paper's). ``batch``: batch normalisation after every convolution instead, which lets the
+    branch train from scratch on a few thousand images, where the plain network barely moves."""
     hflip: bool = True
     """Random horizontal flips in training."""
     scale_jitter: float = 0.0

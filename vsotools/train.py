@@ -334,20 +334,22 @@ def _vocabulary(
             raise ConfigError(f"train.init_text: {config.init_text} has no text branch")
         return vocab, source["model"]["text.embedding.weight"]
     built = _build_vocabulary(config, train_shards, out) if context.is_main else None
-    words, lowercase, matrix = distributed.broadcast_object(context, built)
-    return Vocabulary(words, lowercase), matrix
+    words, lowercase, tweets, matrix = distributed.broadcast_object(context, built)
+    return Vocabulary(words, lowercase, tweets), matrix
 
 
 def _build_vocabulary(
     config: TrainConfig, train_shards: list[Shard], out: Path
-) -> tuple[list[str], bool, torch.Tensor]:
+) -> tuple[list[str], bool, bool, torch.Tensor]:
     keep = KeepValidation(config.seed, config.val_fraction, wanted=False)
     sentences = [
-        vocab_rules.model_tokens(sample[schema.SAMPLE_TEXT].decode("utf-8"), config.lowercase)
+        vocab_rules.model_tokens(
+            sample[schema.SAMPLE_TEXT].decode("utf-8"), config.lowercase, config.tweet_tokens
+        )
         for sample in read_samples(train_shards, skip_images=True)
         if keep(sample[schema.SAMPLE_KEY])
     ]
-    vocab = Vocabulary.build(sentences, config.w2v_min_count, config.lowercase)
+    vocab = Vocabulary.build(sentences, config.w2v_min_count, config.lowercase, config.tweet_tokens)
     if config.word_vectors:
         vectors = vocab_rules.load_word_vectors(config.word_vectors, config.word_dim)
         source = config.word_vectors
@@ -363,7 +365,7 @@ def _build_vocabulary(
         vocab, vectors, config.word_dim, config.oov_scale, config.seed, config.drop_components
     )
     vocab_rules.save_word_vectors(vocab, matrix, out / VECTORS_NAME)
-    return vocab.words[len(vocab_rules.SPECIALS) :], vocab.lowercase, matrix
+    return vocab.words[len(vocab_rules.SPECIALS) :], vocab.lowercase, vocab.tweets, matrix
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -393,6 +395,7 @@ def _initialise_branches(model: SentimentNet, config: TrainConfig) -> None:
 
 
 def _set_branches_trainable(model: SentimentNet, trainable: bool) -> None:
+    model.frozen_branches = not trainable
     for name, branch in model.branches().items():
         for parameter_name, parameter in branch.named_parameters():
             if name == "text" and parameter_name.startswith("embedding."):
@@ -655,6 +658,7 @@ def _save_epoch(
         "recipe": ckpt.recipe_text(recipe),
         "vocab": vocab.words if vocab is not None else None,
         "lowercase": vocab.lowercase if vocab is not None else recipe.train.lowercase,
+        "tweet_tokens": vocab.tweets if vocab is not None else recipe.train.tweet_tokens,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),

@@ -1,7 +1,8 @@
 """The text model's vocabulary and its static word vectors.
 
-Tokens are ``vsotools.text.tokenize`` tokens (optionally lower-cased), so the vocabulary follows
-the same idea of a token as the word bounds of ``filter``. A ``Vocabulary`` maps tokens to ids:
+Tokens are ``vsotools.text.tokenize`` tokens (optionally lower-cased, and optionally with tweet
+mentions and hashtags normalised), so the vocabulary follows the same idea of a token as the word
+bounds of ``filter``. A ``Vocabulary`` maps tokens to ids:
 0 is padding, 1 stands for every token outside the vocabulary. Word vectors are trained with
 gensim's Word2Vec on the training texts, or read from a file the user gives; vocabulary words
 without a vector get a random one. The final matrix is saved with a run as a word2vec binary
@@ -30,23 +31,44 @@ UNK = 1
 SPECIALS = ("<pad>", "<unk>")
 
 
-def model_tokens(text: str, lowercase: bool) -> list[str]:
+MENTION = "@user"
+HASH = "#"
+
+
+def model_tokens(text: str, lowercase: bool, tweets: bool = False) -> list[str]:
     """The tokens the text model reads for ``text``.
 
     Whitespace inside a token (TweetTokenizer keeps ``. . .`` whole) is removed: a word in a
-    word2vec file cannot hold a space.
+    word2vec file cannot hold a space. With ``tweets``, every ``@mention`` becomes ``@user`` and
+    a hashtag becomes two tokens, ``#`` and its word (``#happy`` -> ``#``, ``happy``), so that
+    a word reads the same with or without its hash and handles do not crowd the vocabulary.
     """
     tokens = [_SPACE.sub("", t) for t in text_rules.tokenize(text)]
+    if tweets:
+        tokens = list(_tweet_tokens(tokens))
     return [t.lower() for t in tokens] if lowercase else tokens
+
+
+def _tweet_tokens(tokens: list[str]) -> Iterable[str]:
+    for token in tokens:
+        if len(token) > 1 and token[0] == "@":
+            yield MENTION
+        elif len(token) > 1 and token[0] == "#":
+            yield HASH
+            yield token[1:]
+        else:
+            yield token
 
 
 class Vocabulary:
     """Token <-> id, with ``<pad>`` at 0 and ``<unk>`` at 1."""
 
-    def __init__(self, words: Sequence[str], lowercase: bool):
-        """``words`` are the vocabulary's own words (without the two specials), in id order."""
+    def __init__(self, words: Sequence[str], lowercase: bool, tweets: bool = False):
+        """``words`` are the vocabulary's own words (without the two specials), in id order;
+        ``lowercase`` and ``tweets`` are ``model_tokens``'s rules."""
         self.words: list[str] = [*SPECIALS, *words]
         self.lowercase = lowercase
+        self.tweets = tweets
         self.index = {word: i for i, word in enumerate(self.words)}
         if len(self.index) != len(self.words):
             raise ValueError("vocabulary words must be unique")
@@ -59,22 +81,30 @@ class Vocabulary:
             isinstance(other, Vocabulary)
             and self.words == other.words
             and self.lowercase == other.lowercase
+            and self.tweets == other.tweets
         )
 
     def encode(self, text: str, max_words: int) -> list[int]:
         """Ids of the first ``max_words`` tokens of ``text`` (unpadded)."""
-        tokens = model_tokens(text, self.lowercase)[:max_words]
+        tokens = model_tokens(text, self.lowercase, self.tweets)[:max_words]
         return [self.index.get(t, UNK) for t in tokens]
 
     @classmethod
-    def build(cls, token_lists: Iterable[list[str]], min_count: int, lowercase: bool) -> Vocabulary:
-        """Every token seen at least ``min_count`` times, most frequent first (ties by text)."""
+    def build(
+        cls,
+        token_lists: Iterable[list[str]],
+        min_count: int,
+        lowercase: bool,
+        tweets: bool = False,
+    ) -> Vocabulary:
+        """Every token seen at least ``min_count`` times, most frequent first (ties by text);
+        ``lowercase`` and ``tweets`` record the rules that made the tokens."""
         counts: Counter[str] = Counter()
         for tokens in token_lists:
             counts.update(tokens)
         kept = [w for w, c in counts.items() if c >= min_count and w not in SPECIALS]
         kept.sort(key=lambda w: (-counts[w], w))
-        return cls(kept, lowercase)
+        return cls(kept, lowercase, tweets)
 
 
 def stable_hash(word: str) -> int:
