@@ -77,31 +77,6 @@ def test_alexnet_branch_on_224_pixels_gives_alexnet_features():
     assert features.shape == (2, 256 * 6 * 6) == (2, branch.feature_dim)
 
 
-def test_batch_norm_replaces_local_response_norm():
-    lrn = AlexNetFeatures([4, 8, 8, 8, 8], 64)
-    batch = AlexNetFeatures([4, 8, 8, 8, 8], 64, norm="batch")
-    kinds = lambda m: [type(layer).__name__ for layer in m.layers]  # noqa: E731
-    assert kinds(lrn).count("LocalResponseNorm") == 2 and "BatchNorm2d" not in kinds(lrn)
-    assert kinds(batch).count("BatchNorm2d") == 5 and "LocalResponseNorm" not in kinds(batch)
-    assert batch(torch.randn(3, 3, 64, 64)).shape == (3, batch.feature_dim)
-    with pytest.raises(ValueError, match="unknown image normalisation"):
-        AlexNetFeatures([4, 8, 8, 8, 8], 64, norm="group")
-
-
-def test_frozen_branches_stay_in_eval_mode_while_the_head_trains():
-    config = TrainConfig(
-        model="fusion", crop_size=64, conv_channels=[4, 8, 8, 8, 8], fc_sizes=[16],
-        word_dim=6, num_filters=3, image_norm="batch",
-    )  # fmt: skip
-    model = build_model(config, torch.randn(20, 6))
-    model.frozen_branches = True
-    model.train()
-    assert model.head.training and not model.image.training and not model.text.training
-    model.frozen_branches = False
-    model.train()
-    assert model.image.training
-
-
 @pytest.mark.parametrize("kind", ["fusion", "text", "image"])
 def test_each_variant_gives_two_logits(kind):
     config = TrainConfig(

@@ -196,25 +196,6 @@ def test_warm_start_from_branch_checkpoints_with_frozen_branches(runs, shards, t
     assert [r["frozen_branches"] for r in read_lines(tmp_path / "warm")] == [True, False]
 
 
-def test_a_frozen_batch_norm_branch_keeps_its_running_statistics(shards, tmp_path):
-    image = recipe(model="image", epochs=1, image_norm="batch")
-    train(image, shards, tmp_path / "image", progress=False)
-    image_state = ckpt.load_checkpoint(tmp_path / "image" / "checkpoint.pt")
-    assert any(k.endswith("running_mean") for k in image_state["model"])
-    warm = recipe(
-        model="fusion",
-        epochs=1,
-        image_norm="batch",
-        init_image=str(tmp_path / "image" / "checkpoint.pt"),
-        freeze_branches_epochs=1,
-    )
-    train(warm, shards, tmp_path / "warm", progress=False)
-    state = ckpt.load_checkpoint(tmp_path / "warm" / "checkpoint.pt")
-    for key, value in image_state["model"].items():
-        if key.startswith("image."):
-            assert torch.equal(state["model"][key], value), key  # statistics included
-
-
 def test_the_tweet_token_rule_travels_with_the_checkpoint(shards, tmp_path):
     train(recipe(model="text", epochs=1, tweet_tokens=True), shards, tmp_path / "t", progress=False)
     checkpoint = tmp_path / "t" / "checkpoint.pt"

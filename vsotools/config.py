@@ -339,10 +339,6 @@ class TrainConfig:
     """Side of the square crop the image branch sees (at least 63 for the AlexNet-like branch)."""
     conv_channels: list[int] = field(default_factory=lambda: [96, 256, 384, 384, 256])
     """Output channels of the five convolutional layers (AlexNet's widths)."""
-    image_norm: Literal["lrn", "batch"] = "lrn"
-    """``lrn``: AlexNet's local response normalisation after the first two convolutions (the
-    paper's). ``batch``: batch normalisation after every convolution instead, which lets the
-    branch train from scratch on a few thousand images, where the plain network barely moves."""
     hflip: bool = True
     """Random horizontal flips in training."""
     scale_jitter: float = 0.0

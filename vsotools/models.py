@@ -79,46 +79,28 @@ def masked_max_avg_min(
 
 
 class AlexNetFeatures(nn.Module):
-    """AlexNet's five convolutional layers with ReLU and three max-pools.
+    """AlexNet's five convolutional layers (ReLU, LRN after the first two, three max-pools)."""
 
-    ``norm="lrn"``: local response normalisation after the first two layers, as in AlexNet.
-    ``norm="batch"``: batch normalisation after every convolution instead (no LRN). Weights
-    start from He initialisation, the scale that keeps activations alive through stacked ReLUs.
-    """
-
-    def __init__(self, channels: list[int], crop_size: int, norm: str = "lrn"):
+    def __init__(self, channels: list[int], crop_size: int):
         super().__init__()
-        if norm not in ("lrn", "batch"):
-            raise ValueError(f"unknown image normalisation {norm!r} (lrn or batch)")
         c1, c2, c3, c4, c5 = channels
-        batch = norm == "batch"
-
-        def conv(c_in: int, c_out: int, lrn: bool = False, **shape: int) -> list[nn.Module]:
-            layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, bias=not batch, **shape)]
-            if batch:
-                layers.append(nn.BatchNorm2d(c_out))
-            layers.append(nn.ReLU(inplace=True))
-            if lrn and not batch:
-                layers.append(nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0))
-            return layers
-
-        # The layer order (and so the state-dict keys) of the LRN network is the same as before
-        # the batch-norm option existed: older checkpoints still load.
         self.layers = nn.Sequential(
-            *conv(3, c1, lrn=True, kernel_size=11, stride=4, padding=2),
+            nn.Conv2d(3, c1, kernel_size=11, stride=4, padding=2),
+            nn.ReLU(inplace=True),
+            nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0),
             nn.MaxPool2d(kernel_size=3, stride=2),
-            *conv(c1, c2, lrn=True, kernel_size=5, padding=2),
+            nn.Conv2d(c1, c2, kernel_size=5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0),
             nn.MaxPool2d(kernel_size=3, stride=2),
-            *conv(c2, c3, kernel_size=3, padding=1),
-            *conv(c3, c4, kernel_size=3, padding=1),
-            *conv(c4, c5, kernel_size=3, padding=1),
+            nn.Conv2d(c2, c3, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c3, c4, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c4, c5, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(kernel_size=3, stride=2),
         )
-        for module in self.layers:
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
         side = alexnet_output_side(crop_size)
         self.feature_dim = c5 * side * side
 
@@ -154,9 +136,6 @@ class SentimentNet(nn.Module):
         self.text = text
         self.image = image
         self.modality_dropout = modality_dropout
-        self.frozen_branches = False
-        """Set while the branches are frozen: they stay in eval mode when the model trains, so
-        batch normalisation neither normalises by the batch nor moves its running statistics."""
         width = (text.feature_dim if text else 0) + (image.feature_dim if image else 0)
         layers: list[nn.Module] = []
         for size in fc_sizes:
@@ -164,13 +143,6 @@ class SentimentNet(nn.Module):
             width = size
         layers += [nn.Dropout(dropout), nn.Linear(width, num_classes)]
         self.head = nn.Sequential(*layers)
-
-    def train(self, mode: bool = True) -> SentimentNet:
-        super().train(mode)
-        if mode and self.frozen_branches:
-            for branch in self.branches().values():
-                branch.eval()
-        return self
 
     @property
     def uses_text(self) -> bool:
@@ -229,7 +201,7 @@ def build_model(config: TrainConfig, embeddings: torch.Tensor | None = None) -> 
         text = TextCNN(embeddings, config.filter_widths, config.num_filters, config.tune_vectors)
     image = None
     if config.model in ("fusion", "image"):
-        image = AlexNetFeatures(config.conv_channels, config.crop_size, config.image_norm)
+        image = AlexNetFeatures(config.conv_channels, config.crop_size)
     return SentimentNet(
         text, image, config.fc_sizes, config.dropout, modality_dropout=config.modality_dropout
     )

@@ -395,7 +395,6 @@ def _initialise_branches(model: SentimentNet, config: TrainConfig) -> None:
 
 
 def _set_branches_trainable(model: SentimentNet, trainable: bool) -> None:
-    model.frozen_branches = not trainable
     for name, branch in model.branches().items():
         for parameter_name, parameter in branch.named_parameters():
             if name == "text" and parameter_name.startswith("embedding."):
