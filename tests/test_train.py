@@ -204,6 +204,10 @@ def test_the_tweet_token_rule_travels_with_the_checkpoint(shards, tmp_path):
     split = predict(checkpoint, text="# sad # awful @me", device="cpu")
     joined = predict(checkpoint, text="#sad #awful @someone", device="cpu")
     assert joined.positive_probability == split.positive_probability
+    # A fusion started from that branch must read text the same way.
+    mismatched = recipe(model="fusion", epochs=1, init_text=str(checkpoint))
+    with pytest.raises(ConfigError, match=r"train\.tweet_tokens = true, this recipe with false"):
+        train(mismatched, shards, tmp_path / "f", progress=False)
 
 
 def test_a_branch_from_a_model_without_it_is_refused(runs, shards, tmp_path):

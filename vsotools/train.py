@@ -332,6 +332,12 @@ def _vocabulary(
         vocab = ckpt.vocabulary_of(source)
         if vocab is None:
             raise ConfigError(f"train.init_text: {config.init_text} has no text branch")
+        for key, theirs in (("lowercase", vocab.lowercase), ("tweet_tokens", vocab.tweets)):
+            if theirs != getattr(config, key):
+                raise ConfigError(
+                    f"train.init_text: {config.init_text} reads text with train.{key} ="
+                    f" {str(theirs).lower()}, this recipe with {str(not theirs).lower()}"
+                )
         return vocab, source["model"]["text.embedding.weight"]
     built = _build_vocabulary(config, train_shards, out) if context.is_main else None
     words, lowercase, tweets, matrix = distributed.broadcast_object(context, built)

@@ -2,11 +2,10 @@
 
 Tokens are ``vsotools.text.tokenize`` tokens (optionally lower-cased, and optionally with tweet
 mentions and hashtags normalised), so the vocabulary follows the same idea of a token as the word
-bounds of ``filter``. A ``Vocabulary`` maps tokens to ids:
-0 is padding, 1 stands for every token outside the vocabulary. Word vectors are trained with
-gensim's Word2Vec on the training texts, or read from a file the user gives; vocabulary words
-without a vector get a random one. The final matrix is saved with a run as a word2vec binary
-file, which ``train.word_vectors`` reads back.
+bounds of ``filter``. A ``Vocabulary`` maps tokens to ids: 0 is padding, 1 stands for every token
+outside the vocabulary. Word vectors are trained with gensim's Word2Vec on the training texts, or
+read from a file the user gives; vocabulary words without a vector get a random one. The final
+matrix is saved with a run as a word2vec binary file, which ``train.word_vectors`` reads back.
 """
 
 from __future__ import annotations
