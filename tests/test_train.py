@@ -210,6 +210,56 @@ def test_the_tweet_token_rule_travels_with_the_checkpoint(shards, tmp_path):
         train(mismatched, shards, tmp_path / "f", progress=False)
 
 
+def torchvision_alexnet_features(channels: list[int]) -> torch.nn.Sequential:
+    """torchvision's ``alexnet().features``, written out: its layer order sets the state-dict
+    keys of an ImageNet weights file (``features.0.weight`` ... ``features.10.bias``)."""
+    c1, c2, c3, c4, c5 = channels
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, c1, kernel_size=11, stride=4, padding=2), nn.ReLU(inplace=True),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+        nn.Conv2d(c1, c2, kernel_size=5, padding=2), nn.ReLU(inplace=True),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+        nn.Conv2d(c2, c3, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(c3, c4, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(c4, c5, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+    )  # fmt: skip
+
+
+def test_the_image_branch_starts_from_torchvision_alexnet_weights(shards, tmp_path):
+    channels = [8, 16, 16, 16, 16]
+    torch.manual_seed(5)
+    features = torchvision_alexnet_features(channels)
+    state = {f"features.{k}": v for k, v in features.state_dict().items()}
+    state["classifier.1.weight"] = torch.zeros(4, 16 * 6 * 6)  # the ImageNet head is left out
+    weights = tmp_path / "alexnet.pth"
+    torch.save(state, weights)
+
+    imagenet = recipe(model="image", epochs=1, lrn=False, init_image=str(weights),
+                      freeze_branches_epochs=1)  # fmt: skip
+    train(imagenet, shards, tmp_path / "run", progress=False)
+    model, _, _ = ckpt.model_of(ckpt.load_checkpoint(tmp_path / "run" / "checkpoint.pt"))
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.image(images), features(images).flatten(1), atol=1e-6)
+
+    # Each mismatch is named, with the setting that fixes it.
+    with pytest.raises(ConfigError, match=r"set train\.lrn = false"):
+        train(imagenet.override({"train.lrn": True}), shards, tmp_path / "a", progress=False)
+    wider = imagenet.override({"train.conv_channels": [8, 16, 24, 16, 16]})
+    with pytest.raises(ConfigError, match=r"set train\.conv_channels = \[8, 16, 16, 16, 16\]"):
+        train(wider, shards, tmp_path / "b", progress=False)
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    other = imagenet.override({"train.init_image": str(tmp_path / "other.pth")})
+    with pytest.raises(ConfigError, match="neither a vsotools checkpoint nor an AlexNet"):
+        train(other, shards, tmp_path / "c", progress=False)
+    # A branch trained without LRN cannot start one with it: the features would differ.
+    fusion = recipe(model="fusion", init_image=str(tmp_path / "run" / "checkpoint.pt"))
+    with pytest.raises(ConfigError, match=r"trained with train\.lrn = false, this recipe has true"):
+        train(fusion, shards, tmp_path / "d", progress=False)
+
+
 def test_a_branch_from_a_model_without_it_is_refused(runs, shards, tmp_path):
     bad = recipe(model="fusion", init_image=str(runs["text"] / "checkpoint.pt"))
     with pytest.raises(Exception, match="text model without a image branch"):

@@ -72,18 +72,32 @@ def publish(source: str | Path, target: str | Path) -> None:
     os.replace(temporary, target)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` onto the CPU."""
+def load_weights_file(path: str | Path) -> Any:
+    """Whatever a torch file holds (read with ``weights_only=True`` onto the CPU): a vsotools
+    checkpoint or, for ``train.init_image``, a plain state dict."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+
+
+def is_checkpoint(state: Any) -> bool:
+    return isinstance(state, dict) and state.get("format") == FORMAT
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` onto the CPU."""
+    state = load_weights_file(path)
+    if not is_checkpoint(state):
         raise CheckpointError(f"{path}: not a vsotools checkpoint")
+    return checked_version(state, path)
+
+
+def checked_version(state: dict[str, Any], path: str | Path) -> dict[str, Any]:
     if state.get("version") != VERSION:
         raise CheckpointError(
             f"{path}: checkpoint version {state.get('version')!r}; this vsotools reads {VERSION}"

@@ -339,6 +339,9 @@ class TrainConfig:
     """Side of the square crop the image branch sees (at least 63 for the AlexNet-like branch)."""
     conv_channels: list[int] = field(default_factory=lambda: [96, 256, 384, 384, 256])
     """Output channels of the five convolutional layers (AlexNet's widths)."""
+    lrn: bool = True
+    """Local response normalisation after the first two convolutions, as in AlexNet. Off for
+    ImageNet weights in torchvision's AlexNet layout (``init_image``), which were trained without."""
     hflip: bool = True
     """Random horizontal flips in training."""
     scale_jitter: float = 0.0
@@ -368,7 +371,9 @@ class TrainConfig:
     init_text: str = _path()
     """Checkpoint (text or fusion) whose text branch and vocabulary start the model."""
     init_image: str = _path()
-    """Checkpoint (image or fusion) whose image branch starts the model."""
+    """Checkpoint (image or fusion) whose image branch starts the model, or ImageNet weights in
+    torchvision's AlexNet layout (``alexnet-owt-7be5be79.pth``; needs ``conv_channels`` =
+    [64, 192, 384, 256, 256] and ``lrn`` = false)."""
     freeze_branches_epochs: int = 0
     """Train only the head for this many epochs, then everything."""
 

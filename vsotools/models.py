@@ -4,6 +4,7 @@
   for each filter the max, average and minimum over the valid positions of the sentence.
 - ``AlexNetFeatures`` (the SV branch): five convolutional layers with ReLU, local response
   normalisation and max pooling as in AlexNet; the last max-pool, flattened, is the feature.
+  ``from_torchvision_alexnet`` reads ImageNet weights saved in torchvision's AlexNet layout into it.
 - ``SentimentNet``: one or both branches, their features concatenated, three fully connected
   layers with dropout, two logits. ``build_model`` makes the ``fusion``, ``text`` or ``image``
   variant from a recipe's train section.
@@ -79,19 +80,27 @@ def masked_max_avg_min(
 
 
 class AlexNetFeatures(nn.Module):
-    """AlexNet's five convolutional layers (ReLU, LRN after the first two, three max-pools)."""
+    """AlexNet's five convolutional layers (ReLU, LRN after the first two unless ``lrn`` is off,
+    three max-pools). Without LRN the layer indices stay the same (an identity takes its place),
+    so checkpoints of both kinds share one state-dict layout."""
 
-    def __init__(self, channels: list[int], crop_size: int):
+    def __init__(self, channels: list[int], crop_size: int, lrn: bool = True):
         super().__init__()
         c1, c2, c3, c4, c5 = channels
+
+        def norm() -> nn.Module:
+            if not lrn:
+                return nn.Identity()
+            return nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0)
+
         self.layers = nn.Sequential(
             nn.Conv2d(3, c1, kernel_size=11, stride=4, padding=2),
             nn.ReLU(inplace=True),
-            nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0),
+            norm(),
             nn.MaxPool2d(kernel_size=3, stride=2),
             nn.Conv2d(c1, c2, kernel_size=5, padding=2),
             nn.ReLU(inplace=True),
-            nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0),
+            norm(),
             nn.MaxPool2d(kernel_size=3, stride=2),
             nn.Conv2d(c2, c3, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
@@ -106,6 +115,37 @@ class AlexNetFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.layers(images), 1)
+
+
+TORCHVISION_ALEXNET_LAYERS = {0: 0, 3: 4, 6: 8, 8: 10, 10: 12}
+"""Index of each convolution in torchvision's ``alexnet().features`` -> in ``AlexNetFeatures``."""
+
+
+def is_torchvision_alexnet(state: object) -> bool:
+    """Whether ``state`` is a state dict in torchvision's AlexNet layout (``features.0.weight``
+    ... ``features.10.bias``; its ``classifier`` is not needed)."""
+    return isinstance(state, dict) and all(
+        f"features.{index}.{part}" in state
+        for index in TORCHVISION_ALEXNET_LAYERS
+        for part in ("weight", "bias")
+    )
+
+
+def torchvision_alexnet_channels(state: dict[str, torch.Tensor]) -> list[int]:
+    """The five convolutions' output widths in a torchvision AlexNet state dict."""
+    return [int(state[f"features.{index}.weight"].shape[0]) for index in TORCHVISION_ALEXNET_LAYERS]
+
+
+def from_torchvision_alexnet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict of an ``AlexNetFeatures`` (built with ``lrn=False``) holding the
+    convolutions of a torchvision AlexNet state dict: the same kernels, strides, paddings and
+    pools, so the features are the same for the same input. Its fully connected layers are
+    left out: the head is trained anew."""
+    return {
+        f"layers.{ours}.{part}": state[f"features.{theirs}.{part}"]
+        for theirs, ours in TORCHVISION_ALEXNET_LAYERS.items()
+        for part in ("weight", "bias")
+    }
 
 
 def alexnet_output_side(crop_size: int) -> int:
@@ -201,7 +241,7 @@ def build_model(config: TrainConfig, embeddings: torch.Tensor | None = None) -> 
         text = TextCNN(embeddings, config.filter_widths, config.num_filters, config.tune_vectors)
     image = None
     if config.model in ("fusion", "image"):
-        image = AlexNetFeatures(config.conv_channels, config.crop_size)
+        image = AlexNetFeatures(config.conv_channels, config.crop_size, config.lrn)
     return SentimentNet(
         text, image, config.fc_sizes, config.dropout, modality_dropout=config.modality_dropout
     )

@@ -51,7 +51,13 @@ from vsotools.data.vocab import Vocabulary
 from vsotools.errors import ConfigError, VsoError
 from vsotools.inference import Outputs, autocast, autocast_dtype, evaluate_batches
 from vsotools.metrics import Metrics
-from vsotools.models import SentimentNet, build_model
+from vsotools.models import (
+    SentimentNet,
+    build_model,
+    from_torchvision_alexnet,
+    is_torchvision_alexnet,
+    torchvision_alexnet_channels,
+)
 from vsotools.shardset import read_manifest, shard_urls
 
 log = logging.getLogger(__name__)
@@ -378,18 +384,15 @@ def _build_vocabulary(
 
 
 def _initialise_branches(model: SentimentNet, config: TrainConfig) -> None:
-    """Copy the text and image branches from ``init_text`` / ``init_image`` checkpoints."""
+    """Copy the text and image branches from ``init_text`` / ``init_image`` checkpoints (or the
+    image branch from ImageNet weights in torchvision's AlexNet layout)."""
     for name, path in (("text", config.init_text), ("image", config.init_image)):
         if not path:
             continue
-        source = ckpt.load_checkpoint(path)
-        prefix = f"{name}."
-        weights = {k[len(prefix) :]: v for k, v in source["model"].items() if k.startswith(prefix)}
-        if not weights:
-            raise ConfigError(
-                f"train.init_{name}: {path} is a {source.get('model_type')} model without"
-                f" a {name} branch"
-            )
+        if name == "image":
+            weights = _image_weights(path, config)
+        else:
+            weights = _branch_weights(ckpt.load_checkpoint(path), name, path)
         try:
             getattr(model, name).load_state_dict(weights)
         except RuntimeError as exc:
@@ -398,6 +401,50 @@ def _initialise_branches(model: SentimentNet, config: TrainConfig) -> None:
                 f"train.init_{name}: the {name} branch in {path} does not fit this recipe ({detail})"
             ) from None
         log.info("%s branch initialised from %s", name, path)
+
+
+def _branch_weights(source: dict[str, Any], name: str, path: str) -> dict[str, torch.Tensor]:
+    prefix = f"{name}."
+    weights = {k[len(prefix) :]: v for k, v in source["model"].items() if k.startswith(prefix)}
+    if not weights:
+        raise ConfigError(
+            f"train.init_{name}: {path} is a {source.get('model_type')} model without"
+            f" a {name} branch"
+        )
+    return weights
+
+
+def _image_weights(path: str, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The image branch of a vsotools checkpoint, or the convolutions of a torchvision AlexNet
+    state dict (ImageNet weights), checked against the recipe's image branch."""
+    source = ckpt.load_weights_file(path)
+    if ckpt.is_checkpoint(source):
+        weights = _branch_weights(ckpt.checked_version(source, path), "image", path)
+        theirs = ckpt.recipe_of(source).train.lrn
+        if theirs != config.lrn:
+            raise ConfigError(
+                f"train.init_image: {path} was trained with train.lrn = {str(theirs).lower()},"
+                f" this recipe has {str(config.lrn).lower()}"
+            )
+        return weights
+    if not is_torchvision_alexnet(source):
+        raise ConfigError(
+            f"train.init_image: {path} is neither a vsotools checkpoint nor an AlexNet state dict"
+            " in torchvision's layout (features.0.weight ... features.10.bias)"
+        )
+    channels = torchvision_alexnet_channels(source)
+    if channels != list(config.conv_channels):
+        raise ConfigError(
+            f"train.init_image: {path} holds an AlexNet with convolutions {channels} wide;"
+            f" set train.conv_channels = {channels} (the recipe has {list(config.conv_channels)})"
+        )
+    if config.lrn:
+        raise ConfigError(
+            f"train.init_image: {path} holds torchvision AlexNet weights, trained without local"
+            " response normalisation; set train.lrn = false"
+        )
+    log.info("image branch: ImageNet weights in torchvision's AlexNet layout")
+    return from_torchvision_alexnet(source)
 
 
 def _set_branches_trainable(model: SentimentNet, trainable: bool) -> None:
