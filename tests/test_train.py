@@ -256,7 +256,9 @@ def test_the_image_branch_starts_from_torchvision_alexnet_weights(shards, tmp_pa
         train(other, shards, tmp_path / "c", progress=False)
     # A branch trained without LRN cannot start one with it: the features would differ.
     fusion = recipe(model="fusion", init_image=str(tmp_path / "run" / "checkpoint.pt"))
-    with pytest.raises(ConfigError, match=r"trained with train\.lrn = false, this recipe has true"):
+    with pytest.raises(
+        ConfigError, match=r"trained with train\.lrn = false, this recipe with true"
+    ):
         train(fusion, shards, tmp_path / "d", progress=False)
 
 

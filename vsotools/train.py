@@ -338,12 +338,9 @@ def _vocabulary(
         vocab = ckpt.vocabulary_of(source)
         if vocab is None:
             raise ConfigError(f"train.init_text: {config.init_text} has no text branch")
-        for key, theirs in (("lowercase", vocab.lowercase), ("tweet_tokens", vocab.tweets)):
-            if theirs != getattr(config, key):
-                raise ConfigError(
-                    f"train.init_text: {config.init_text} reads text with train.{key} ="
-                    f" {str(theirs).lower()}, this recipe with {str(not theirs).lower()}"
-                )
+        _require_same_settings(
+            "text", config, {"lowercase": vocab.lowercase, "tweet_tokens": vocab.tweets}
+        )
         return vocab, source["model"]["text.embedding.weight"]
     built = _build_vocabulary(config, train_shards, out) if context.is_main else None
     words, lowercase, tweets, matrix = distributed.broadcast_object(context, built)
@@ -403,6 +400,19 @@ def _initialise_branches(model: SentimentNet, config: TrainConfig) -> None:
         log.info("%s branch initialised from %s", name, path)
 
 
+def _require_same_settings(name: str, config: TrainConfig, theirs: dict[str, bool]) -> None:
+    """A branch started from ``init_NAME`` must compute what it was trained to: the settings
+    that shape it (how text is read, LRN) must be the recipe's."""
+    path = getattr(config, f"init_{name}")
+    for key, value in theirs.items():
+        ours = getattr(config, key)
+        if value != ours:
+            raise ConfigError(
+                f"train.init_{name}: {path} was trained with train.{key} = {str(value).lower()},"
+                f" this recipe with {str(ours).lower()}"
+            )
+
+
 def _branch_weights(source: dict[str, Any], name: str, path: str) -> dict[str, torch.Tensor]:
     prefix = f"{name}."
     weights = {k[len(prefix) :]: v for k, v in source["model"].items() if k.startswith(prefix)}
@@ -420,12 +430,7 @@ def _image_weights(path: str, config: TrainConfig) -> dict[str, torch.Tensor]:
     source = ckpt.load_weights_file(path)
     if ckpt.is_checkpoint(source):
         weights = _branch_weights(ckpt.checked_version(source, path), "image", path)
-        theirs = ckpt.recipe_of(source).train.lrn
-        if theirs != config.lrn:
-            raise ConfigError(
-                f"train.init_image: {path} was trained with train.lrn = {str(theirs).lower()},"
-                f" this recipe has {str(config.lrn).lower()}"
-            )
+        _require_same_settings("image", config, {"lrn": ckpt.recipe_of(source).train.lrn})
         return weights
     if not is_torchvision_alexnet(source):
         raise ConfigError(
