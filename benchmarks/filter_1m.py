@@ -39,7 +39,7 @@ SCORES = {"beautiful_sky": 2.0, "happy_dog": 1.5, "dark_night": -1.41, "lonely_t
 
 
 def generate(workdir: Path, rows: int, part_rows: int = 100_000) -> Path:
-    from vsotools import schema
+    from vsotools.core import schema
 
     data = workdir / "data"
     marker = data / "metadata" / f".rows-{rows}"
@@ -92,8 +92,8 @@ def generate(workdir: Path, rows: int, part_rows: int = 100_000) -> Path:
 
 
 def run_filter(workdir: Path) -> dict:
-    from vsotools.config import Recipe
-    from vsotools.filter import filter_dataset
+    from vsotools.core.config import Recipe
+    from vsotools.dataset.filter import filter_dataset
 
     recipe = Recipe().override({"anps.manifest": str(workdir / "anps.csv")})
     report = filter_dataset(workdir / "data", recipe)
@@ -115,7 +115,7 @@ def run_reference(workdir: Path) -> dict:
 
 
 def run_floor(workdir: Path) -> dict:
-    from vsotools.text import count_words
+    from vsotools.core.text import count_words
 
     texts = pq.read_table(workdir / "data" / "metadata", columns=["description"])
     texts = [t or "" for t in texts.column("description").to_pylist()]

@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageFilter
 
-from vsotools import images
-from vsotools.schema import FILTERED_SCHEMA, LABEL_NAMES
+from vsotools.core import images
+from vsotools.core.schema import FILTERED_SCHEMA, LABEL_NAMES
 
 
 def make_image(seed: int) -> bytes:

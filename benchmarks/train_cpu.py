@@ -27,11 +27,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vsotools.config import TrainConfig
-from vsotools.data.loader import BatchMover, SampleDecoder, ShardStream, make_loader
-from vsotools.data.vocab import Vocabulary
-from vsotools.inference import autocast, autocast_dtype
-from vsotools.models import build_model
+from vsotools.core.config import TrainConfig
+from vsotools.training.inference import autocast, autocast_dtype
+from vsotools.training.loader import BatchMover, SampleDecoder, ShardStream, make_loader
+from vsotools.training.models import build_model
+from vsotools.training.vocab import Vocabulary
 
 VOCAB_SIZE = 20_000
 MEAN_WORDS = 20
@@ -183,8 +183,8 @@ def make_shards(root: Path, samples: int):
     """Pre-resized shards (shorter side 256) from real photos when present; their vocabulary."""
     from train_loader import source_pairs, write_shards
 
-    from vsotools import text
-    from vsotools.data.vocab import model_tokens
+    from vsotools.core import text
+    from vsotools.training.vocab import model_tokens
 
     source, pairs = source_pairs(samples)
     shards = write_shards(root, pairs, per_shard=max(1, samples // 8))

@@ -36,7 +36,7 @@ from train_cpu import (
     synthetic_rate,
 )
 
-from vsotools.config import TrainConfig
+from vsotools.core.config import TrainConfig
 
 
 def smoke_config(**changes) -> TrainConfig:

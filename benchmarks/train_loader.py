@@ -31,10 +31,10 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from vsotools import images, schema, text
-from vsotools.data.loader import SampleDecoder, Shard, ShardStream, make_loader, steps_per_epoch
-from vsotools.data.vocab import Vocabulary, model_tokens
-from vsotools.shardset import MANIFEST_NAME, ShardInfo, ShardManifest, shard_name
+from vsotools.core import images, schema, text
+from vsotools.shards.format import MANIFEST_NAME, ShardInfo, ShardManifest, shard_name
+from vsotools.training.loader import SampleDecoder, Shard, ShardStream, make_loader, steps_per_epoch
+from vsotools.training.vocab import Vocabulary, model_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VSOTOOLS_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -101,7 +101,7 @@ def write_shards(root: Path, pairs, per_shard: int, size: int = 256) -> list[Sha
 
 
 def shard_jpegs(shards: list[Shard]) -> list[bytes]:
-    from vsotools.data.loader import read_samples
+    from vsotools.training.loader import read_samples
 
     return [s["jpg"] for s in read_samples(shards)]
 

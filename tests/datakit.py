@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vsotools import schema
+from vsotools.core import schema
 
 
 def photo(photo_id: str, **fields: Any) -> dict[str, Any]:

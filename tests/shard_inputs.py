@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from vsotools.schema import FILTERED_SCHEMA, LABEL_NAMES
+from vsotools.core.schema import FILTERED_SCHEMA, LABEL_NAMES
 
 KINDS = ("jpeg", "jpeg", "jpeg", "grey", "cmyk", "rotated", "png", "gif", "webp", "tiny", "wide")
 

@@ -19,8 +19,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from vsotools import schema
-from vsotools.shardset import MANIFEST_NAME, ShardInfo, ShardManifest, shard_name
+from vsotools.core import schema
+from vsotools.shards.format import MANIFEST_NAME, ShardInfo, ShardManifest, shard_name
 
 POSITIVE_WORDS = ["happy", "sunny", "lovely", "great", "smile", "beautiful", "joy", "bright"]
 NEGATIVE_WORDS = ["sad", "gloomy", "awful", "broken", "cry", "ugly", "grief", "dark"]

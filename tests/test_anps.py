@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import run_vsotools
 
-from vsotools import anps
-from vsotools.corpus import DEMO_MANIFEST
-from vsotools.schema import NEGATIVE, POSITIVE
+from vsotools.core import anps
+from vsotools.core.schema import NEGATIVE, POSITIVE
+from vsotools.demo.corpus import DEMO_MANIFEST
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from vsotools.atomic import atomic_open, atomic_write_text
+from vsotools.core.files import atomic_open, atomic_write_text
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):

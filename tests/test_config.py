@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vsotools.config import Recipe, load_recipe, recipe_to_toml, write_recipe
-from vsotools.errors import ConfigError
+from vsotools.core.config import Recipe, load_recipe, recipe_to_toml, write_recipe
+from vsotools.core.errors import ConfigError
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 

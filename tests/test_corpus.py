@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vsotools import corpus
-from vsotools.anps import read_manifest
+from vsotools.core.anps import read_manifest
+from vsotools.demo import corpus
 
 FLICKR_FIELDS = {
     "id", "owner", "ownername", "title", "description", "tags", "license", "dateupload",

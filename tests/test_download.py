@@ -13,8 +13,8 @@ from typing import ClassVar
 import pytest
 from PIL import Image
 
-from vsotools.download import Downloader, DownloadSettings, check_image, host_allowed
-from vsotools.images import ImageLimits
+from vsotools.core.images import ImageLimits
+from vsotools.fetch.download import Downloader, DownloadSettings, check_image, host_allowed
 
 
 def jpeg(width: int, height: int) -> bytes:

@@ -19,8 +19,8 @@ import pytest
 from flickr_corpus import SCORES, make_corpus, write_manifest
 from PIL import Image
 
-from vsotools.flickr.server import Faults, serve
-from vsotools.schema import PHOTO_SCHEMA
+from vsotools.core.schema import PHOTO_SCHEMA
+from vsotools.demo.server import Faults, serve
 
 KEY = "dummy-key-7f3a"
 LABELLED = [anp for anp, score in SCORES.items() if score != 0.0]
@@ -401,9 +401,9 @@ def test_a_bad_pairs_file_is_refused_with_its_line(cli, tmp_path, line, message)
 
 
 def test_only_the_anps_the_rule_labels_are_searched(shared_data, tmp_path):
-    from vsotools.anps import import_release
-    from vsotools.config import load_recipe
-    from vsotools.fetch import anps_to_search
+    from vsotools.core.anps import import_release
+    from vsotools.core.config import load_recipe
+    from vsotools.fetch.stage import anps_to_search
 
     manifest = tmp_path / "mvso-en-anps.csv"
     import_release(shared_data / "anps" / "mvso-english.csv", "mvso", manifest)

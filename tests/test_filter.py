@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from datakit import photo, text_of, write_manifest, write_metadata
 
-from vsotools import filter as filtering
-from vsotools.config import Recipe, load_recipe
-from vsotools.schema import FILTERED_SCHEMA
+from vsotools.core.config import Recipe, load_recipe
+from vsotools.core.schema import FILTERED_SCHEMA
+from vsotools.dataset import filter as filtering
 
 SCORES = {
     "happy_dog": 1.5,  # positive under 0/0 and 0.16/-0.1
@@ -246,7 +246,7 @@ def test_recipe_of_the_fetch_is_the_default(cli, tmp_path, manifest):
     fetch_recipe = Recipe().override(
         {"anps.manifest": str(manifest), "anps.pos_threshold": 0.16, "anps.neg_threshold": -0.1}
     )
-    from vsotools.config import write_recipe
+    from vsotools.core.config import write_recipe
 
     write_recipe(fetch_recipe, data / "fetch-recipe.toml")
     report = _filter(cli, data)

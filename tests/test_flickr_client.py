@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vsotools.flickr.client import (
+from vsotools.core.ratelimit import TokenBucket, backoff_delay
+from vsotools.fetch.client import (
     Credentials,
     FlickrApiError,
     FlickrAuthError,
@@ -21,7 +22,6 @@ from vsotools.flickr.client import (
     FlickrUnavailable,
     load_credentials,
 )
-from vsotools.ratelimit import TokenBucket, backoff_delay
 
 KEY = "k3y-that-must-not-leak"
 JSON = "application/json"

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from vsotools.flickr.search import PageSummary, Query, anp_query, search_anp
+from vsotools.fetch.search import PageSummary, Query, anp_query, search_anp
 
 
 def fake_flickr(uploads: dict[str, int], cap: int):

@@ -17,7 +17,7 @@ import requests
 import yaml
 from flickr_corpus import make_corpus
 
-from vsotools.flickr.server import Faults, serve
+from vsotools.demo.server import Faults, serve
 
 SEARCH_EXTRAS_OPENVERSE = (
     "description,license,date_upload,date_taken,owner_name,tags,o_dims,url_t,url_s,url_m,url_l,"

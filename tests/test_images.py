@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vsotools import images
-from vsotools.images import ImageLimits, ImageRejected
+from vsotools.core import images
+from vsotools.core.images import ImageLimits, ImageRejected
 
 
 def _jpeg(size=(500, 375), color=(200, 80, 40), quality=90) -> bytes:

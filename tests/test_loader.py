@@ -18,7 +18,9 @@ from PIL import Image
 from shardkit import write_shard_set
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from vsotools.data.loader import (
+from vsotools.core.errors import VsoError
+from vsotools.shards.format import read_manifest, shard_urls
+from vsotools.training.loader import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BatchMover,
@@ -36,9 +38,7 @@ from vsotools.data.loader import (
     split_shards,
     steps_per_epoch,
 )
-from vsotools.data.vocab import Vocabulary
-from vsotools.errors import VsoError
-from vsotools.shardset import read_manifest, shard_urls
+from vsotools.training.vocab import Vocabulary
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from vsotools.metrics import compute_metrics, format_confusion, roc_auc, table_row
+from vsotools.core.metrics import compute_metrics, format_confusion, roc_auc, table_row
 
 
 def test_the_four_paper_metrics_and_the_confusion_matrix():

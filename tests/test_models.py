@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vsotools.config import TrainConfig
-from vsotools.models import (
+from vsotools.core.config import TrainConfig
+from vsotools.training.models import (
     AlexNetFeatures,
     TextCNN,
     alexnet_output_side,

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from vsotools import corpus
-from vsotools.checkpoint import load_checkpoint
-from vsotools.config import load_recipe
-from vsotools.images import encode_jpeg
+from vsotools.core.config import load_recipe
+from vsotools.core.images import encode_jpeg
+from vsotools.demo import corpus
+from vsotools.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

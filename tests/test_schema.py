@@ -7,7 +7,7 @@ import typing
 import pyarrow as pa
 import pytest
 
-from vsotools import schema
+from vsotools.core import schema
 
 
 def test_photo_record_and_arrow_schema_agree():

@@ -31,10 +31,9 @@ from conftest import run_vsotools
 from PIL import Image
 from shard_inputs import make_dataset, write_filtered
 
-from vsotools import shards
 from vsotools.cli import build_parser
-from vsotools.config import Recipe, load_recipe
-from vsotools.schema import (
+from vsotools.core.config import Recipe, load_recipe
+from vsotools.core.schema import (
     LABEL_NAMES,
     SAMPLE_CLASS,
     SAMPLE_EXTENSIONS,
@@ -44,8 +43,9 @@ from vsotools.schema import (
     SAMPLE_TEXT,
     sample_key,
 )
-from vsotools.shardset import MANIFEST_NAME, read_manifest, shard_urls
-from vsotools.verify import verify_shards
+from vsotools.shards import stage as shards
+from vsotools.shards.format import MANIFEST_NAME, read_manifest, shard_urls
+from vsotools.shards.verify import verify_shards
 
 IMAGE_SIZE = 64
 

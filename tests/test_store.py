@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from vsotools.download import DownloadSettings, check_image
-from vsotools.store import INCOMING_DIR, Store
+from vsotools.fetch.download import DownloadSettings, check_image
+from vsotools.fetch.store import INCOMING_DIR, Store
 
 
 def outcome_of(width: int):
@@ -52,14 +52,14 @@ def test_an_image_save_killed_at_any_step_is_finished_without_fetching_again(tmp
 
         return replace
 
-    monkeypatch.setattr("vsotools.store.os.replace", kill_at("commit"))
+    monkeypatch.setattr("vsotools.fetch.store.os.replace", kill_at("commit"))
     with pytest.raises(KeyboardInterrupt):
         store.save_outcome(photos["2"], outcomes["2"])
     # "3": killed after the commit, before the file reached images/.
-    monkeypatch.setattr("vsotools.store.os.replace", kill_at("move"))
+    monkeypatch.setattr("vsotools.fetch.store.os.replace", kill_at("move"))
     with pytest.raises(KeyboardInterrupt):
         store.save_outcome(photos["3"], outcomes["3"])
-    monkeypatch.setattr("vsotools.store.os.replace", real_replace)
+    monkeypatch.setattr("vsotools.fetch.store.os.replace", real_replace)
     store.close()
 
     store = Store(tmp_path, 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vsotools.text import clean_text, count_words, words
+from vsotools.core.text import clean_text, count_words, words
 
 
 def test_clean_text_removes_markup_urls_and_space():

@@ -17,12 +17,12 @@ import torch
 from conftest import run_vsotools
 from shardkit import sample_image, tiny_recipe_overrides, tiny_set_arguments, write_shard_set
 
-from vsotools import checkpoint as ckpt
-from vsotools.config import Recipe
-from vsotools.data.loader import LoaderError
-from vsotools.errors import ConfigError
-from vsotools.evaluate import evaluate, predict
-from vsotools.train import RunError, train
+from vsotools.core.config import Recipe
+from vsotools.core.errors import ConfigError
+from vsotools.training import checkpoint as ckpt
+from vsotools.training.evaluate import evaluate, predict
+from vsotools.training.loader import LoaderError
+from vsotools.training.train import RunError, train
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 from vsotools.cli import build_parser
-from vsotools.config import Recipe, TrainConfig, recipe_from_dict
+from vsotools.core.config import Recipe, TrainConfig, recipe_from_dict
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "train.md"
 

@@ -9,9 +9,9 @@ import fsspec
 import pytest
 from shardkit import tiny_recipe_overrides, write_shard_set
 
-from vsotools.config import Recipe
-from vsotools.evaluate import evaluate
-from vsotools.train import train
+from vsotools.core.config import Recipe
+from vsotools.training.evaluate import evaluate
+from vsotools.training.train import train
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from vsotools.config import TrainConfig
-from vsotools.data.vocab import (
+from vsotools.core.config import TrainConfig
+from vsotools.core.errors import ConfigError
+from vsotools.training.vocab import (
     PAD,
     UNK,
     Vocabulary,
@@ -18,7 +19,6 @@ from vsotools.data.vocab import (
     save_word_vectors,
     train_word2vec,
 )
-from vsotools.errors import ConfigError
 
 SENTENCES = [
     model_tokens(t, lowercase=True)

@@ -16,12 +16,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vsotools import __version__, anps, schema, shards, verify
-from vsotools.config import Recipe, load_recipe
-from vsotools.errors import ConfigError, VsoError
+from vsotools import __version__
+from vsotools.core import anps, schema
+from vsotools.core.config import Recipe, load_recipe
+from vsotools.core.errors import ConfigError, VsoError
+from vsotools.shards import stage as shards
+from vsotools.shards import verify
 
 if TYPE_CHECKING:
-    from vsotools.filter import FilterReport
+    from vsotools.dataset.filter import FilterReport
 
 # Stage modules with heavy imports (nltk, torch, gensim) are imported by the commands that use
 # them: the shard writer's worker processes start by importing this module again (spawn), and
@@ -357,8 +360,8 @@ def _add_fetch_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from vsotools.fetch import fetch
-    from vsotools.flickr.client import load_credentials
+    from vsotools.fetch.client import load_credentials
+    from vsotools.fetch.stage import fetch
 
     recipe = _resolve_recipe(
         args,
@@ -397,7 +400,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _flickr_server(args: argparse.Namespace) -> int:
-    from vsotools.flickr import server
+    from vsotools.demo import server
 
     try:
         faults = server.Faults(
@@ -477,7 +480,7 @@ def _add_filter_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _filter(args: argparse.Namespace) -> int:
-    from vsotools import filter as filtering
+    from vsotools.dataset import filter as filtering
 
     text_fields = None
     if args.text_fields is not None:
@@ -505,7 +508,7 @@ def _filter(args: argparse.Namespace) -> int:
 
 
 def _print_filter_report(report: FilterReport, recipe: Recipe) -> None:
-    from vsotools import filter as filtering
+    from vsotools.dataset import filter as filtering
 
     cfg = recipe.filter
     rules = [
@@ -734,8 +737,8 @@ def _add_train_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from vsotools.metrics import TABLE_HEADER, table_row
-    from vsotools.train import RECIPE_NAME, train
+    from vsotools.core.metrics import TABLE_HEADER, table_row
+    from vsotools.training.train import RECIPE_NAME, train
 
     saved = args.out / RECIPE_NAME
     if args.resume and args.recipe is None and saved.is_file():
@@ -765,8 +768,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from vsotools.evaluate import evaluate
-    from vsotools.metrics import TABLE_HEADER, format_confusion, table_row
+    from vsotools.core.metrics import TABLE_HEADER, format_confusion, table_row
+    from vsotools.training.evaluate import evaluate
 
     report = evaluate(
         args.checkpoint,
@@ -804,7 +807,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from vsotools.evaluate import predict
+    from vsotools.training.evaluate import predict
 
     if args.image is None and args.text is None:
         raise VsoError("give --image, --text or both")
@@ -872,8 +875,8 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vsotools.flickr.client import load_credentials
-    from vsotools.run import results_table, run_recipe
+    from vsotools.fetch.client import load_credentials
+    from vsotools.pipeline import results_table, run_recipe
 
     recipe = load_recipe(args.recipe).override_strings(args.assignments)
     if args.models is not None:
@@ -889,8 +892,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from vsotools.demo import demo_recipe, run_demo
-    from vsotools.run import results_table
+    from vsotools.demo.demo import demo_recipe, run_demo
+    from vsotools.pipeline import results_table
 
     if args.photos < 60:
         raise VsoError("--photos: the demo needs at least 60 photos")

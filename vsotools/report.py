@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vsotools.atomic import atomic_write_text
-from vsotools.schema import LABEL_NAMES, SPLITS
+from vsotools.core.files import atomic_write_text
+from vsotools.core.schema import LABEL_NAMES, SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def dataset_facts(
         facts.words_histogram = {int(k): v for k, v in report.get("words_histogram", {}).items()}
     recipe_path = data_dir / "filter-recipe.toml"
     if recipe_path.is_file():
-        from vsotools.config import load_recipe
+        from vsotools.core.config import load_recipe
 
         cfg = load_recipe(recipe_path).filter
         facts.word_bounds = (cfg.min_words, cfg.max_words)

@@ -1,0 +1,682 @@
+"""Dataset recipes: typed configuration loaded from ``pipelines/*.toml``.
+
+A recipe names every rule parameter of a dataset in one place. It has one table per stage
+(``[anps]``, ``[fetch]``, ``[filter]``, ``[shard]``, ``[train]``), each loaded into the dataclass of
+that stage below, whose defaults are the paper's settings for VSO. Loading refuses an unknown key or
+a value of the wrong type with the key's dotted name. Command-line flags override the file through
+``Recipe.override``; the resolved recipe is written beside each stage's output with ``write_recipe``
+and can be fed back with ``--recipe``.
+
+Paths in a recipe file are relative to the file's folder; paths given on the command line are
+relative to the current directory. Both are stored absolute once resolved.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from vsotools.core.errors import ConfigError
+from vsotools.core.files import atomic_write_text
+
+PATH = {"path": True}
+"""Field metadata marking a string field as a filesystem path (resolved against a base folder)."""
+
+
+def _path(default: str = "") -> Any:
+    return field(default=default, metadata=PATH)
+
+
+@dataclass
+class AnpsConfig:
+    """The ANP manifest and the labelling rule (see ``vsotools.anps.label_for_score``)."""
+
+    manifest: str = _path()
+    """Manifest CSV (``anp,adjective,noun,sentiment``); empty for datasets with given labels."""
+    pos_threshold: float = 0.0
+    """An ANP is positive when its score is strictly greater than this."""
+    neg_threshold: float = 0.0
+    """An ANP is negative when its score is strictly less than this."""
+
+    def validate(self) -> None:
+        _check(
+            self.neg_threshold <= self.pos_threshold,
+            "anps.neg_threshold",
+            f"must not exceed anps.pos_threshold ({self.neg_threshold} > {self.pos_threshold})",
+        )
+
+
+@dataclass
+class FetchConfig:
+    """How ``vsotools fetch`` searches Flickr and downloads, validates and stores images."""
+
+    pairs: str = _path()
+    """An image+text pairs file (JSONL, CSV or Parquet: id, text, label, image) to ingest
+    instead of crawling Flickr; empty: crawl."""
+
+    # --- the Flickr API ---
+    api_url: str = "https://api.flickr.com/services/rest/"
+    """Flickr REST endpoint; point it at ``vsotools flickr-server`` for offline runs."""
+    api_format: Literal["json", "xml"] = "json"
+    """Response format asked of the API (flickrapi's ``parsed-json`` or ``etree``)."""
+    search_mode: Literal["text", "tags"] = "text"
+    """``text``: free-text search of the ANP's two words; ``tags``: ``tags=adj,noun&tag_mode=all``."""
+    all_anps: bool = False
+    """Search every ANP of the manifest; by default only those the labelling rule labels."""
+    per_anp: int = 1000
+    """Most photos recorded per ANP."""
+    per_page: int = 500
+    """Results per search page (Flickr's maximum is 500)."""
+    extras: list[str] = field(
+        default_factory=lambda: [
+            "description",
+            "tags",
+            "license",
+            "owner_name",
+            "date_upload",
+            "date_taken",
+            "url_m",
+            "url_z",
+            "url_l",
+        ]
+    )
+    """Extra fields asked of ``flickr.photos.search``."""
+    sizes: list[str] = field(default_factory=lambda: ["url_z", "url_m", "url_l"])
+    """Image renditions to download, in order of preference; the first one a photo has wins
+    (they are asked of the search as extras too)."""
+    licenses: list[int] = field(default_factory=list)
+    """Only photos under these licence ids (e.g. 1,2,4,5,9,10 for CC and public domain); empty: any."""
+    calls_per_hour: int = 3600
+    """API call budget per key (a token bucket); Flickr's documented quota is 3,600."""
+    calls_burst: int = 10
+    """Most API calls made back to back before the hourly rate applies (the bucket's size)."""
+    api_timeout: float = 60.0
+    """Seconds to wait for one API response."""
+    api_retries: int = 8
+    """Retries of an API call after a transient failure (429, 5xx, timeout, codes 10/105/201)."""
+
+    # --- the image downloader ---
+    download_concurrency: int = 32
+    """Image downloads in flight at once (threads sharing pooled HTTP connections)."""
+    download_timeout: float = 30.0
+    """Seconds to wait for an image server to connect or to send more bytes."""
+    download_retries: int = 8
+    """Retries of an image download after a transient failure (429, 5xx, timeout, reset)."""
+    backoff_base: float = 0.5
+    """Nominal first retry delay in seconds, doubled on each retry; each delay is drawn between
+    half and all of its nominal value (jitter)."""
+    backoff_max: float = 60.0
+    """Longest retry delay in seconds."""
+    allowed_hosts: list[str] = field(default_factory=lambda: ["*.staticflickr.com"])
+    """Image hosts that may be contacted (``*.`` matches subdomains; ``*`` any); the API host is
+    always allowed."""
+    min_side: int = 32
+    """Images narrower or lower than this many pixels are rejected (``too_small``)."""
+    max_pixels: int = 40_000_000
+    """Images with more pixels are rejected before decoding (``too_many_pixels``)."""
+    max_bytes: int = 30_000_000
+    """Images larger than this many bytes are rejected (``too_large``)."""
+    max_side: int = 0
+    """Downscale images whose longer side exceeds this many pixels before storing them (JPEG);
+    0 stores the served file unchanged."""
+    jpeg_quality: int = 90
+    """JPEG quality of images downscaled at download time."""
+    part_size: int = 1000
+    """Photos per metadata part file and per image folder (``images/{part:05d}/``)."""
+
+    def validate(self) -> None:
+        _check(
+            self.api_url.startswith(("http://", "https://")),
+            "fetch.api_url",
+            f"must be an http(s) URL, got {self.api_url!r}",
+        )
+        _check(self.per_anp > 0, "fetch.per_anp", "must be positive")
+        _check(1 <= self.per_page <= 500, "fetch.per_page", "must be between 1 and 500")
+        _check(self.calls_per_hour > 0, "fetch.calls_per_hour", "must be positive")
+        _check(self.calls_burst > 0, "fetch.calls_burst", "must be positive")
+        _check(self.api_timeout > 0, "fetch.api_timeout", "must be positive")
+        _check(self.api_retries >= 0, "fetch.api_retries", "must not be negative")
+        _check(bool(self.sizes), "fetch.sizes", "must name at least one size (e.g. url_z)")
+        for i, size in enumerate(self.sizes):
+            _check(
+                size.startswith("url_"),
+                f"fetch.sizes[{i}]",
+                f"{size!r} is not a size extra (url_m, url_z, url_l, ...)",
+            )
+        _check(
+            all(0 <= lic <= 99 for lic in self.licenses), "fetch.licenses", "must be licence ids"
+        )
+        _check(self.download_concurrency > 0, "fetch.download_concurrency", "must be positive")
+        _check(self.download_timeout > 0, "fetch.download_timeout", "must be positive")
+        _check(self.download_retries >= 0, "fetch.download_retries", "must not be negative")
+        _check(self.backoff_base >= 0, "fetch.backoff_base", "must not be negative")
+        _check(
+            self.backoff_max >= self.backoff_base,
+            "fetch.backoff_max",
+            "must be at least fetch.backoff_base",
+        )
+        _check(self.min_side > 0, "fetch.min_side", "must be positive")
+        _check(self.max_pixels > 0, "fetch.max_pixels", "must be positive")
+        _check(self.max_bytes > 0, "fetch.max_bytes", "must be positive")
+        _check(self.max_side >= 0, "fetch.max_side", "must not be negative (0: no downscaling)")
+        _check(
+            self.max_side == 0 or self.max_side >= self.min_side,
+            "fetch.max_side",
+            f"must be at least fetch.min_side ({self.min_side}) or 0",
+        )
+        _check(1 <= self.jpeg_quality <= 100, "fetch.jpeg_quality", "must be between 1 and 100")
+        _check(self.part_size > 0, "fetch.part_size", "must be positive")
+
+
+@dataclass
+class FilterConfig:
+    """The paper's filtering rules and the train/test split."""
+
+    min_words: int = 5
+    """Keep a photo when min_words <= words <= max_words (bounds inclusive)."""
+    max_words: int = 150
+    text_fields: list[Literal["title", "description", "tags"]] = field(
+        default_factory=lambda: ["description"]
+    )
+    """Fields joined into a photo's text; the paper uses the description alone."""
+    test_fraction: float = 0.2
+    seed: int = 2017
+    """Seed of the hash that assigns each split group to train or test."""
+    group_by: Literal["photo", "owner"] = "photo"
+    """``photo`` is the paper's protocol; ``owner`` keeps each Flickr user on one side."""
+    dedup_images: bool = True
+    """Keep one photo of each set with identical image bytes."""
+    dedup_owner_text: bool = True
+    """Keep one photo of each set posted by one owner with the same text (bulk uploads)."""
+    workers: int = 0
+    """Processes counting words; 0: one per core."""
+
+    def validate(self) -> None:
+        _check(self.min_words >= 0, "filter.min_words", "must not be negative")
+        _check(
+            self.min_words <= self.max_words,
+            "filter.max_words",
+            f"must be at least filter.min_words ({self.max_words} < {self.min_words})",
+        )
+        _check(0.0 < self.test_fraction <= 1.0, "filter.test_fraction", "must be in (0, 1]")
+        _check(bool(self.text_fields), "filter.text_fields", "must name at least one field")
+        _check(self.workers >= 0, "filter.workers", "must not be negative")
+
+
+@dataclass
+class ShardConfig:
+    """How ``vsotools shard`` writes WebDataset tar shards."""
+
+    image_size: int = 256
+    """Shorter side of the re-encoded JPEG; training takes random crops of ``train.crop_size``."""
+    quality: int = 90
+    """JPEG quality of the re-encoded images."""
+    maxcount: int = 2000
+    """Most samples per shard."""
+    maxsize: int = 512_000_000
+    """Most bytes per shard. Shards are planned from the size of a sample of re-encoded images
+    (plus a margin), so a shard exceeds it only when its images encode much larger than that."""
+    seed: int = 2017
+    """Seed of the shuffle that orders each split before it is cut into shards."""
+    readers: int = 8
+    """Loader processes that read the train split at once (nodes x processes per node x
+    data-loader workers). The train split is cut into at least this many shards, so that each
+    reader gets one; a split with fewer samples than readers is warned about."""
+    max_skipped: float = 0.01
+    """Largest fraction of photos whose image may be missing or undecodable: those are left out
+    and listed in the manifest. Beyond it the run fails before writing the manifest."""
+    workers: int = 2
+    """Processes writing shards in parallel."""
+
+    def validate(self) -> None:
+        _check(self.image_size > 0, "shard.image_size", "must be positive")
+        _check(1 <= self.quality <= 100, "shard.quality", "must be between 1 and 100")
+        _check(self.maxcount > 0, "shard.maxcount", "must be positive")
+        _check(self.maxsize > 0, "shard.maxsize", "must be positive")
+        _check(self.readers > 0, "shard.readers", "must be positive")
+        _check(0.0 <= self.max_skipped <= 1.0, "shard.max_skipped", "must be in [0, 1]")
+        _check(self.workers > 0, "shard.workers", "must be positive")
+
+
+@dataclass
+class RunConfig:
+    """How ``vsotools run`` chains the stages and which models it trains on the same shards."""
+
+    models: list[Literal["fusion", "text", "image"]] = field(default_factory=lambda: ["fusion"])
+    """Models to train and compare; ``text`` and ``image`` are the paper's ST and SV baselines."""
+    fusion_from_branches: bool = False
+    """Train ``text`` and ``image`` first and start the fusion model from their weights."""
+    fusion_set: list[str] = field(default_factory=list)
+    """``train.KEY=VALUE`` overrides for the fusion model only (as ``--set`` takes them)."""
+    text_set: list[str] = field(default_factory=list)
+    """``train.KEY=VALUE`` overrides for the text model only."""
+    image_set: list[str] = field(default_factory=list)
+    """``train.KEY=VALUE`` overrides for the image model only."""
+
+    def validate(self) -> None:
+        _check(bool(self.models), "run.models", "must name at least one model")
+        _check(len(set(self.models)) == len(self.models), "run.models", "names a model twice")
+        _check(
+            not self.fusion_from_branches or {"text", "image"} <= set(self.models),
+            "run.fusion_from_branches",
+            "needs run.models to include text and image",
+        )
+        for model in ("fusion", "text", "image"):
+            for assignment in getattr(self, f"{model}_set"):
+                _check(
+                    assignment.startswith("train.") and "=" in assignment,
+                    f"run.{model}_set",
+                    f"{assignment!r} is not a train.KEY=VALUE override",
+                )
+
+
+@dataclass
+class TrainConfig:
+    """The deep fusion CNN, its baselines and the training schedule (paper defaults).
+
+    Settings marked *off by default* are not in the paper; they exist for small, hard datasets
+    (class imbalance, a few thousand samples) and leave the paper's setup unchanged when unset.
+    """
+
+    model: Literal["fusion", "text", "image"] = "fusion"
+    """``fusion``: both branches; ``text``: the ST baseline; ``image``: the SV baseline."""
+    batch_size: int = 100
+    lr: float = 1e-4
+    """Adam learning rate at step 0."""
+    lr_decay: float = 0.96
+    lr_decay_steps: int = 3000
+    """Staircase decay: lr * lr_decay ** (step // lr_decay_steps)."""
+    weight_decay: float = 0.0
+    """Adam's L2 penalty (off by default)."""
+    epochs: int = 10
+    seed: int = 2017
+    """Seeds model initialisation, word2vec, data order, augmentation and the validation carve."""
+
+    # --- the text branch (Kim's CNN over static word vectors) ---
+    word_dim: int = 200
+    """Size of the static word2vec vectors."""
+    max_words: int = 150
+    """Texts are cut to this many tokens (a batch is padded to its longest text)."""
+    filter_widths: list[int] = field(default_factory=lambda: [3, 4, 5])
+    num_filters: int = 100
+    """Filters per width in the text CNN."""
+    lowercase: bool = True
+    """Lower-case tokens before looking them up (for the vocabulary and word2vec alike)."""
+    tweet_tokens: bool = False
+    """Off by default. For tweets: every @mention reads as one token ``@user`` and a hashtag as
+    two, ``#`` and its word, so ``#happy`` and ``happy`` share a vector (vocabulary and word2vec
+    alike)."""
+    word_vectors: str = _path()
+    """word2vec (binary/text) or gensim KeyedVectors file; empty: train Word2Vec on the train split."""
+    w2v_algorithm: Literal["skipgram", "cbow"] = "skipgram"
+    """Word2Vec training algorithm when no ``word_vectors`` file is given."""
+    w2v_window: int = 5
+    w2v_min_count: int = 1
+    """Words seen fewer times in the training texts get no vector of their own (they map to <unk>)."""
+    w2v_epochs: int = 5
+    oov_scale: float = 0.25
+    """Words without a vector get one drawn uniformly from [-oov_scale, oov_scale] (Kim 2014)."""
+    tune_vectors: bool = False
+    """Off by default (the paper's vectors are static). Let training update the word vectors too
+    (Kim's CNN-non-static)."""
+    drop_components: int = 0
+    """Off by default (0). k > 0: subtract the mean word vector, remove the top k principal
+    directions ("all-but-the-top", Mu and Viswanath 2018) and scale the vectors to the spread of
+    the random ones. word2vec trained on a few thousand short texts gives nearly parallel vectors
+    (cosine about 0.99) that the CNN cannot tell apart; k = 3 separates them."""
+
+    # --- the image branch (AlexNet-like) ---
+    crop_size: int = 224
+    """Side of the square crop the image branch sees (at least 63 for the AlexNet-like branch)."""
+    conv_channels: list[int] = field(default_factory=lambda: [96, 256, 384, 384, 256])
+    """Output channels of the five convolutional layers (AlexNet's widths)."""
+    lrn: bool = True
+    """Local response normalisation after the first two convolutions, as in AlexNet. Off for
+    ImageNet weights in torchvision's AlexNet layout (``init_image``), which were trained without."""
+    hflip: bool = True
+    """Random horizontal flips in training."""
+    scale_jitter: float = 0.0
+    """Off by default. Training crops of side crop_size * U(1 - j, 1 + j), resized to crop_size."""
+    color_jitter: float = 0.0
+    """Off by default. Brightness, contrast and saturation each scaled by U(1 - j, 1 + j)."""
+
+    # --- the head ---
+    fc_sizes: list[int] = field(default_factory=lambda: [4096, 4096])
+    """Hidden fully connected layers before the 2-way output (three FC layers in all)."""
+    dropout: float = 0.5
+    """Dropout before each fully connected layer."""
+    modality_dropout: float = 0.0
+    """Off by default. Fusion only: in training, each sample loses its text features with this
+    probability, or else its image features with the same probability (never both), so the head
+    learns to use each branch alone too (ModDrop, Neverova et al. 2015)."""
+
+    # --- the loss, model selection and warm starts (off by default) ---
+    class_weights: Literal["none", "balanced"] = "none"
+    """``balanced``: cross-entropy weights n / (2 n_class) from the train split's label counts."""
+    val_fraction: float = 0.0
+    """Share of the train split held out for validation, chosen by a hash of the sample key."""
+    select: Literal["last", "val_loss", "val_accuracy", "val_macro_f1"] = "last"
+    """Which epoch's model RUN/checkpoint.pt keeps: the last, or the best on the validation split."""
+    patience: int = 0
+    """Stop after this many epochs without a better validation ``select`` metric (0: never)."""
+    init_text: str = _path()
+    """Checkpoint (text or fusion) whose text branch and vocabulary start the model."""
+    init_image: str = _path()
+    """Checkpoint (image or fusion) whose image branch starts the model, or ImageNet weights in
+    torchvision's AlexNet layout (``alexnet-owt-7be5be79.pth``; needs ``conv_channels`` =
+    [64, 192, 384, 256, 256] and ``lrn`` = false)."""
+    freeze_branches_epochs: int = 0
+    """Train only the head for this many epochs, then everything."""
+
+    # --- the machine ---
+    workers: int = 4
+    """Data loader processes per training process."""
+    shuffle_buffer: int = 1000
+    """Samples held by each loader worker to shuffle the stream (0: no sample shuffle)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: the GPU when there is one."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on GPU, fp32 on CPU."""
+    channels_last: bool = True
+    """Channels-last memory format for the image branch on GPU."""
+    gpu_decode: bool = False
+    """Decode JPEGs on the GPU with torchvision (needs torchvision and a CUDA device)."""
+
+    def validate(self) -> None:
+        _check(self.batch_size > 0, "train.batch_size", "must be positive")
+        _check(self.lr > 0, "train.lr", "must be positive")
+        _check(0.0 < self.lr_decay <= 1.0, "train.lr_decay", "must be in (0, 1]")
+        _check(self.lr_decay_steps > 0, "train.lr_decay_steps", "must be positive")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must not be negative")
+        _check(self.epochs > 0, "train.epochs", "must be positive")
+        _check(self.word_dim > 0, "train.word_dim", "must be positive")
+        _check(self.max_words > 0, "train.max_words", "must be positive")
+        _check(
+            bool(self.filter_widths) and all(w > 0 for w in self.filter_widths),
+            "train.filter_widths",
+            "must be a non-empty list of positive widths",
+        )
+        _check(
+            self.max_words >= max(self.filter_widths, default=0),
+            "train.max_words",
+            f"must be at least the widest filter ({max(self.filter_widths, default=0)})",
+        )
+        _check(self.num_filters > 0, "train.num_filters", "must be positive")
+        _check(self.w2v_window > 0, "train.w2v_window", "must be positive")
+        _check(self.w2v_min_count > 0, "train.w2v_min_count", "must be positive")
+        _check(self.w2v_epochs > 0, "train.w2v_epochs", "must be positive")
+        _check(self.oov_scale >= 0, "train.oov_scale", "must not be negative")
+        _check(self.drop_components >= 0, "train.drop_components", "must not be negative")
+        _check(self.crop_size >= 63, "train.crop_size", "must be at least 63 (AlexNet's pooling)")
+        _check(
+            len(self.conv_channels) == 5 and all(c > 0 for c in self.conv_channels),
+            "train.conv_channels",
+            "must be five positive widths",
+        )
+        _check(0.0 <= self.scale_jitter < 1.0, "train.scale_jitter", "must be in [0, 1)")
+        _check(0.0 <= self.color_jitter < 1.0, "train.color_jitter", "must be in [0, 1)")
+        _check(all(s > 0 for s in self.fc_sizes), "train.fc_sizes", "must be positive widths")
+        _check(0.0 <= self.dropout < 1.0, "train.dropout", "must be in [0, 1)")
+        _check(0.0 <= self.modality_dropout <= 0.5, "train.modality_dropout", "must be in [0, 0.5]")
+        _check(0.0 <= self.val_fraction < 1.0, "train.val_fraction", "must be in [0, 1)")
+        _check(
+            self.select == "last" or self.val_fraction > 0,
+            "train.select",
+            f"{self.select!r} needs a validation split (set train.val_fraction)",
+        )
+        _check(self.patience >= 0, "train.patience", "must not be negative")
+        _check(
+            self.patience == 0 or self.select != "last",
+            "train.patience",
+            "early stopping needs train.select to name a validation metric",
+        )
+        _check(
+            not self.init_text or self.model == "fusion" or self.model == "text",
+            "train.init_text",
+            f"a {self.model} model has no text branch",
+        )
+        _check(
+            not self.init_image or self.model == "fusion" or self.model == "image",
+            "train.init_image",
+            f"a {self.model} model has no image branch",
+        )
+        _check(
+            self.freeze_branches_epochs >= 0, "train.freeze_branches_epochs", "must not be negative"
+        )
+        _check(self.workers >= 0, "train.workers", "must not be negative")
+        _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", "must not be negative")
+
+
+@dataclass
+class Recipe:
+    """A whole dataset recipe: one section per stage."""
+
+    name: str = "vso"
+    anps: AnpsConfig = field(default_factory=AnpsConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        for section in _sections(self):
+            getattr(self, section).validate()
+
+    def override(self, values: Mapping[str, Any], base_dir: Path | None = None) -> Recipe:
+        """A copy with ``{"section.key": value}`` applied; values are typed Python objects.
+
+        Relative paths are resolved against ``base_dir`` (default: the current directory).
+        """
+        recipe = copy.deepcopy(self)
+        base = Path.cwd() if base_dir is None else base_dir
+        for dotted, value in values.items():
+            section, key = _split_key(dotted)
+            target = recipe if section is None else getattr(recipe, section)
+            setattr(target, key, _coerce(target, key, value, dotted, base))
+        recipe.validate()
+        return recipe
+
+    def override_strings(self, assignments: list[str], base_dir: Path | None = None) -> Recipe:
+        """Apply ``section.key=value`` strings (``--set``), each parsed by the key's declared type."""
+        values: dict[str, Any] = {}
+        for assignment in assignments:
+            dotted, sep, text = assignment.partition("=")
+            if not sep:
+                raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+            section, key = _split_key(dotted.strip())
+            target = self if section is None else getattr(self, section)
+            values[dotted.strip()] = _parse_string(_field_types(target)[key], text.strip(), dotted)
+        return self.override(values, base_dir)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load and validate a recipe file; relative paths in it are resolved against its folder."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: recipe not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return recipe_from_dict(data, base_dir=path.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def recipe_from_dict(data: Mapping[str, Any], base_dir: Path) -> Recipe:
+    """Build a validated recipe from nested TOML-like data; unknown keys are refused."""
+    recipe = Recipe()
+    for key, value in data.items():
+        if key in _sections(recipe):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key}: expected a table [{key}], got {_kind(value)}")
+            section = getattr(recipe, key)
+            for sub_key, sub_value in value.items():
+                dotted = f"{key}.{sub_key}"
+                if sub_key not in _field_types(section):
+                    raise ConfigError(_unknown(dotted, section))
+                setattr(section, sub_key, _coerce(section, sub_key, sub_value, dotted, base_dir))
+        elif key in _field_types(recipe):
+            setattr(recipe, key, _coerce(recipe, key, value, key, base_dir))
+        else:
+            raise ConfigError(_unknown(key, recipe))
+    recipe.validate()
+    return recipe
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The recipe as TOML text that ``load_recipe`` reads back to an equal recipe."""
+    lines = [f"name = {_toml_value(recipe.name)}"]
+    for section in _sections(recipe):
+        lines += ["", f"[{section}]"]
+        for f in dataclasses.fields(getattr(recipe, section)):
+            lines.append(f"{f.name} = {_toml_value(getattr(getattr(recipe, section), f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def write_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe beside a stage's output (atomically)."""
+    atomic_write_text(path, recipe_to_toml(recipe))
+
+
+# --- typing machinery -----------------------------------------------------------------------
+
+
+def _sections(recipe: Recipe) -> list[str]:
+    return [name for name, t in _field_types(recipe).items() if dataclasses.is_dataclass(t)]
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _is_path(obj: Any, key: str) -> bool:
+    return bool(next(f for f in dataclasses.fields(obj) if f.name == key).metadata.get("path"))
+
+
+def _split_key(dotted: str) -> tuple[str | None, str]:
+    section, _, key = dotted.rpartition(".")
+    recipe = Recipe()
+    if not section:
+        if key not in _field_types(recipe) or key in _sections(recipe):
+            raise ConfigError(_unknown(dotted, recipe))
+        return None, key
+    if section not in _sections(recipe):
+        raise ConfigError(f"{dotted}: unknown section {section!r} (known: {_sections(recipe)})")
+    if key not in _field_types(getattr(recipe, section)):
+        raise ConfigError(_unknown(dotted, getattr(recipe, section)))
+    return section, key
+
+
+def _unknown(dotted: str, obj: Any) -> str:
+    known = ", ".join(f.name for f in dataclasses.fields(obj))
+    return f"{dotted}: unknown key (known here: {known})"
+
+
+def _kind(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _coerce(obj: Any, key: str, value: Any, dotted: str, base_dir: Path) -> Any:
+    if _is_path(obj, key) and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    value = _check_type(_field_types(obj)[key], value, dotted)
+    if _is_path(obj, key) and value:
+        value = str((base_dir / Path(value).expanduser()).resolve())
+    return value
+
+
+def _check_type(expected: Any, value: Any, dotted: str) -> Any:
+    origin = typing.get_origin(expected)
+    if origin is Literal:
+        choices = typing.get_args(expected)
+        if value not in choices:
+            raise ConfigError(f"{dotted}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{dotted}: expected an array, got {_kind(value)} {value!r}")
+        return [_check_type(item_type, item, f"{dotted}[{i}]") for i, item in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"{dotted}: optional fields are not supported in recipes")
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{dotted}: expected true or false, got {_kind(value)} {value!r}")
+        return value
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{dotted}: expected an integer, got {_kind(value)} {value!r}")
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{dotted}: expected a number, got {_kind(value)} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{dotted}: expected a finite number, got {value!r}")
+        return float(value)
+    if expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{dotted}: expected a string, got {_kind(value)} {value!r}")
+        return value
+    raise TypeError(f"{dotted}: unsupported recipe type {expected!r}")
+
+
+def _parse_string(expected: Any, text: str, dotted: str) -> Any:
+    """Parse command-line text by the declared type (never by guessing from the text)."""
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        return [_parse_string(item_type, item, dotted) for item in items]
+    if origin is Literal:
+        return text
+    try:
+        if expected is bool:
+            lowered = text.lower()
+            if lowered not in ("true", "false"):
+                raise ValueError
+            return lowered == "true"
+        if expected is int:
+            return int(text)
+        if expected is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{dotted}: cannot read {text!r} as {_kind(expected())}") from None
+    return text
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _check(condition: bool, dotted: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{dotted}: {message}")

@@ -1,0 +1,173 @@
+"""Images: validating downloaded bytes, decoding, resizing and re-encoding with Pillow.
+
+``validate_image`` is the gate every downloaded image passes before it is kept (fetch);
+``load_rgb``, ``resize_shorter_side`` and ``encode_jpeg`` re-encode images for shards (shard);
+the loader decodes shard JPEGs with ``load_rgb`` too (train).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps
+
+from vsotools.core.errors import VsoError
+
+# Rejection reasons, recorded in a photo record's ``error`` field.
+NOT_AN_IMAGE = "not_an_image"
+TRUNCATED = "truncated"
+TOO_SMALL = "too_small"
+TOO_LARGE = "too_large"
+TOO_MANY_PIXELS = "too_many_pixels"
+EMPTY = "empty"
+
+
+class ImageRejected(VsoError):
+    """The bytes are not an image vsotools keeps; ``reason`` is one of the constants above."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds an image must meet to be kept."""
+
+    min_side: int = 32
+    """Both width and height at least this many pixels."""
+    max_pixels: int = 40_000_000
+    """Most width x height, checked from the header before any decoding (decompression bombs)."""
+    max_bytes: int = 30_000_000
+    """Most bytes of the encoded file."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    """Pillow's format name, e.g. JPEG or PNG."""
+    width: int
+    height: int
+
+
+def validate_image(data: bytes, limits: ImageLimits = ImageLimits()) -> ImageInfo:
+    """Check that ``data`` is a whole, decodable image within ``limits``; return its size.
+
+    The pixel bound is checked from the header, before decoding. The image is then decoded
+    completely (JPEGs at reduced scale through draft mode, which still reads every byte of the
+    entropy-coded data), so a truncated file is rejected. Raises ``ImageRejected``.
+    """
+    if not data:
+        raise ImageRejected(EMPTY)
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(TOO_LARGE, f"{len(data)} bytes > {limits.max_bytes}")
+    image = _open(data, limits.max_pixels)
+    width, height = image.size
+    if min(width, height) < limits.min_side:
+        raise ImageRejected(TOO_SMALL, f"{width}x{height} < {limits.min_side} px")
+    if image.format == "JPEG":
+        image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+    _load(image)
+    return ImageInfo(format=image.format or "", width=width, height=height)
+
+
+# Where Pillow finds a JPEG's orientation tag.
+_JPEG_ORIENTATION_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp")
+
+
+def load_rgb(
+    data: bytes,
+    *,
+    shorter_side_at_least: int | None = None,
+    max_pixels: int = ImageLimits.max_pixels,
+) -> Image.Image:
+    """Decode ``data`` to an RGB image with EXIF orientation applied.
+
+    With ``shorter_side_at_least``, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8)
+    whose shorter side is still at least that many pixels: much cheaper, and no loss for a later
+    downscale to that size.
+    """
+    image = _open(data, max_pixels)
+    if shorter_side_at_least and image.format == "JPEG":
+        scale = min(image.size) / shorter_side_at_least
+        if scale >= 2:
+            image.draft("RGB", (image.size[0] / scale, image.size[1] / scale))
+    _load(image)
+    if image.format != "JPEG" or any(key in image.info for key in _JPEG_ORIENTATION_SOURCES):
+        image = ImageOps.exif_transpose(image)
+    # else: a JPEG with no EXIF or XMP (every image a shard holds) has no orientation to apply,
+    # and exif_transpose would only copy it.
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of ``image``; transparency is composited on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Resize so that the shorter side is ``size`` pixels, keeping the aspect ratio.
+
+    Images whose shorter side is already ``size`` are returned unchanged; smaller ones are
+    upscaled, so every shard image has the same shorter side.
+    """
+    width, height = image.size
+    if min(width, height) == size:
+        return image
+    if width <= height:
+        new = (size, max(1, round(height * size / width)))
+    else:
+        new = (max(1, round(width * size / height)), size)
+    return image.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def fit_longest_side(image: Image.Image, size: int) -> Image.Image:
+    """Downscale so that the longer side is at most ``size`` pixels; smaller images are kept."""
+    width, height = image.size
+    if max(width, height) <= size:
+        return image
+    scale = size / max(width, height)
+    new = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    """Encode an RGB image as baseline JPEG bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (DecompressionBombWarning) before its own hard limit; ours is stricter.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(TOO_MANY_PIXELS, str(exc)) from None
+    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+        raise ImageRejected(NOT_AN_IMAGE, str(exc)) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageRejected(TOO_MANY_PIXELS, f"{width}x{height} > {max_pixels} pixels")
+    return image
+
+
+def _load(image: Image.Image) -> None:
+    try:
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(TOO_MANY_PIXELS, str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        message = str(exc)
+        reason = TRUNCATED if "truncated" in message or "broken data" in message else NOT_AN_IMAGE
+        raise ImageRejected(reason, message) from None

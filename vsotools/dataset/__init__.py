@@ -1,0 +1,1 @@
+"""Step 2: the dataset folder's contract and the filter that labels and splits it."""

@@ -1,0 +1,299 @@
+"""Image downloads: HTTP with pooled connections, retries, host checks, and validation.
+
+``Downloader.get(url)`` fetches one image and returns an ``Outcome``: the bytes to store and the
+facts of the bytes as served (sha256, size, width, height), or the reason it was rejected. It is
+called from many threads at once; each thread keeps its own ``requests`` session, whose connection
+pool reuses connections to each host. ``check_image`` is the same gate for images read from disk.
+
+Failure reasons (the ``error`` of a photo record): ``http_<status>`` (``http_404``, ``http_410``,
+``http_429`` or ``http_5xx`` after the retries), ``timeout``, ``connection_error``, ``truncated``
+(the body ended early, or the image data is cut), ``bad_url``, ``host_not_allowed``,
+``too_many_redirects``, ``missing_file``, and the image rejections of ``vsotools.images``
+(``not_an_image``, ``too_small``, ``too_large``, ``too_many_pixels``, ``empty``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import math
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from vsotools import __version__
+from vsotools.core.config import FetchConfig
+from vsotools.core.images import (
+    NOT_AN_IMAGE,
+    TOO_LARGE,
+    TRUNCATED,
+    ImageLimits,
+    ImageRejected,
+    encode_jpeg,
+    fit_longest_side,
+    load_rgb,
+    validate_image,
+)
+from vsotools.core.ratelimit import backoff_delay
+
+log = logging.getLogger(__name__)
+
+BAD_URL = "bad_url"
+HOST_NOT_ALLOWED = "host_not_allowed"
+TIMEOUT = "timeout"
+CONNECTION_ERROR = "connection_error"
+TOO_MANY_REDIRECTS = "too_many_redirects"
+MISSING_FILE = "missing_file"
+
+_RETRIED_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 5
+_CHUNK = 1 << 16
+_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp"}
+_ACCEPTED_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    """How images are fetched, checked and stored."""
+
+    timeout: float = 30.0
+    retries: int = 8
+    backoff_base: float = 0.5
+    backoff_max: float = 60.0
+    limits: ImageLimits = field(default_factory=ImageLimits)
+    max_side: int = 0
+    """Downscale to this longer side (re-encoded as JPEG) before storing; 0: store as served."""
+    jpeg_quality: int = 90
+    allowed_hosts: tuple[str, ...] = ("*",)
+    user_agent: str = f"vsotools/{__version__}"
+
+    @classmethod
+    def from_config(cls, config: FetchConfig, extra_hosts: Iterable[str] = ()) -> DownloadSettings:
+        return cls(
+            timeout=config.download_timeout,
+            retries=config.download_retries,
+            backoff_base=config.backoff_base,
+            backoff_max=config.backoff_max,
+            limits=ImageLimits(
+                min_side=config.min_side, max_pixels=config.max_pixels, max_bytes=config.max_bytes
+            ),
+            max_side=config.max_side,
+            jpeg_quality=config.jpeg_quality,
+            allowed_hosts=(*config.allowed_hosts, *extra_hosts),
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What came of fetching one image: stored bytes and served facts, or a failure reason."""
+
+    error: str | None = None
+    """None when the image is kept; else the failure reason."""
+    detail: str = ""
+    data: bytes | None = None
+    """The bytes to store (the served bytes, or their downscaled re-encoding)."""
+    ext: str | None = None
+    """File extension of ``data`` (jpg, png, ...)."""
+    sha256: str | None = None
+    """Hex sha256 of the bytes as served."""
+    image_bytes: int | None = None
+    width: int | None = None
+    height: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def failed(cls, error: str, detail: str = "") -> Outcome:
+        return cls(error=error, detail=detail)
+
+
+def check_image(served: bytes, settings: DownloadSettings) -> Outcome:
+    """Validate served bytes and prepare what is stored (downscaled when the settings ask)."""
+    try:
+        info = validate_image(served, settings.limits)
+    except ImageRejected as rejected:
+        return Outcome.failed(rejected.reason, str(rejected))
+    digest = hashlib.sha256(served).hexdigest()
+    data, ext = served, _EXTENSIONS.get(info.format, "img")
+    if settings.max_side and max(info.width, info.height) > settings.max_side:
+        shorter = math.ceil(
+            settings.max_side * min(info.width, info.height) / max(info.width, info.height)
+        )
+        try:
+            image = load_rgb(
+                served, shorter_side_at_least=shorter, max_pixels=settings.limits.max_pixels
+            )
+        except ImageRejected as rejected:
+            return Outcome.failed(rejected.reason, str(rejected))
+        data = encode_jpeg(fit_longest_side(image, settings.max_side), settings.jpeg_quality)
+        ext = "jpg"
+    return Outcome(
+        data=data,
+        ext=ext,
+        sha256=digest,
+        image_bytes=len(served),
+        width=info.width,
+        height=info.height,
+    )
+
+
+def read_local_image(path: Path, settings: DownloadSettings) -> Outcome:
+    """The outcome of an image file on disk, checked like a download."""
+    try:
+        served = path.read_bytes()
+    except FileNotFoundError:
+        return Outcome.failed(MISSING_FILE, str(path))
+    except OSError as exc:
+        return Outcome.failed(MISSING_FILE, f"{path}: {exc.strerror}")
+    return check_image(served, settings)
+
+
+def host_allowed(url: str, patterns: Iterable[str]) -> bool:
+    """Whether the URL's host (``host`` or ``host:port``) matches one of the glob patterns."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    with_port = f"{host}:{parts.port}" if parts.port else host
+    return any(
+        fnmatch.fnmatchcase(host, p.lower()) or fnmatch.fnmatchcase(with_port, p.lower())
+        for p in patterns
+    )
+
+
+class _Transient(Exception):
+    """A failure worth retrying; ``reason`` is what is recorded if the retries run out."""
+
+    def __init__(self, reason: str, detail: str = "", retry_after: float | None = None) -> None:
+        super().__init__(detail or reason)
+        self.reason = reason
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+class Downloader:
+    """Fetches and validates images; safe to call from many threads."""
+
+    def __init__(
+        self, settings: DownloadSettings, *, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
+        self.settings = settings
+        self._sleep = sleep
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+
+    def get(self, url: str) -> Outcome:
+        """Fetch ``url`` with retries and check it; never raises for network or image faults."""
+        problem = self._refuse(url)
+        if problem:
+            return problem
+        for attempt in range(self.settings.retries + 1):
+            try:
+                return self._fetch_once(url)
+            except _Transient as transient:
+                if attempt == self.settings.retries:
+                    return Outcome.failed(transient.reason, transient.detail)
+                delay = backoff_delay(
+                    attempt, self.settings.backoff_base, self.settings.backoff_max
+                )
+                if transient.retry_after is not None:
+                    delay = max(delay, min(transient.retry_after, self.settings.backoff_max))
+                log.debug("retrying %s in %.2fs: %s", url, delay, transient)
+                self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            for session in self._sessions:
+                session.close()
+            self._sessions.clear()
+
+    def __enter__(self) -> Downloader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _refuse(self, url: str) -> Outcome | None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return Outcome.failed(BAD_URL, url[:200])
+        if not host_allowed(url, self.settings.allowed_hosts):
+            return Outcome.failed(HOST_NOT_ALLOWED, parts.hostname)
+        return None
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=8, pool_maxsize=8, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers["User-Agent"] = self.settings.user_agent
+            # Looking up proxy settings in the environment costs more CPU per request than
+            # validating the image; skip it unless a proxy is configured.
+            session.trust_env = bool(urllib.request.getproxies())
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def _fetch_once(self, url: str) -> Outcome:
+        session = self._session()
+        for _ in range(_MAX_REDIRECTS + 1):
+            try:
+                with session.get(
+                    url, timeout=self.settings.timeout, stream=True, allow_redirects=False
+                ) as response:
+                    if response.status_code in _REDIRECTS and "Location" in response.headers:
+                        url = urljoin(url, response.headers["Location"])
+                        problem = self._refuse(url)
+                        if problem:
+                            return problem
+                        continue
+                    return self._read(response)
+            except requests.Timeout as exc:
+                raise _Transient(TIMEOUT, str(exc)) from None
+            except requests.exceptions.ChunkedEncodingError as exc:
+                raise _Transient(TRUNCATED, str(exc)) from None
+            except requests.ConnectionError as exc:
+                raise _Transient(CONNECTION_ERROR, str(exc)) from None
+        return Outcome.failed(TOO_MANY_REDIRECTS, url[:200])
+
+    def _read(self, response: requests.Response) -> Outcome:
+        status = response.status_code
+        if status != 200:
+            reason = f"http_{status}"
+            if status in _RETRIED_STATUSES or status >= 500:
+                raise _Transient(reason, f"HTTP {status}", _retry_after(response))
+            return Outcome.failed(reason, f"HTTP {status}")
+        content_type = response.headers.get("Content-Type", "").lower()
+        if content_type and not content_type.startswith(_ACCEPTED_TYPES):
+            return Outcome.failed(NOT_AN_IMAGE, f"Content-Type {content_type}")
+        limit = self.settings.limits.max_bytes
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return Outcome.failed(TOO_LARGE, f"{declared} bytes > {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in response.iter_content(_CHUNK):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                return Outcome.failed(TOO_LARGE, f"more than {limit} bytes")
+        return check_image(b"".join(chunks), self.settings)
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After", "")
+    return float(value) if value.isdigit() else None

@@ -1,0 +1,423 @@
+"""The fetch stage: build a dataset folder from Flickr searches for ANPs, or from a pairs file.
+
+``fetch(recipe, out)`` searches Flickr for each ANP that the recipe's labelling rule labels (all
+of them with ``fetch.all_anps``), records every photo found, and downloads and validates its image
+while the searches go on. ``fetch(recipe, out, pairs=FILE)`` ingests an image+text pairs file
+instead. Either way it leaves in ``out``:
+
+- ``metadata/part-NNNNN.parquet``: one photo record per photo (``schema.PHOTO_SCHEMA``);
+- ``images/NNNNN/<photo_id>.<ext>``: the validated images (see ``store`` for the layout);
+- ``fetch-recipe.toml``: the resolved recipe;
+- ``fetch-report.json``: the counts, written last.
+
+Kill it at any moment and run the same command again: it continues where it stopped (see
+``store``). ``retry_failed`` fetches again the photos whose download failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from tqdm import tqdm
+
+from vsotools.core.anps import Anp, label_for_score, read_manifest
+from vsotools.core.config import Recipe, write_recipe
+from vsotools.core.errors import ConfigError
+from vsotools.core.files import atomic_write_json
+from vsotools.core.schema import SOURCE_FLICKR, SOURCE_PAIRS
+from vsotools.fetch.client import Credentials, FlickrClient, FoundPhoto
+from vsotools.fetch.download import Downloader, DownloadSettings, Outcome, read_local_image
+from vsotools.fetch.pairs import PairsError, read_pairs
+from vsotools.fetch.search import PageSummary, anp_query, search_anp
+from vsotools.fetch.store import PendingPhoto, StateError, Store
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "fetch-report.json"
+RECIPE_FILE = "fetch-recipe.toml"
+PAIRS_SHA256 = "pairs sha256"
+NO_IMAGE_URL = "no_image_url"
+"""Failure reason of a photo that has none of the sizes asked for."""
+
+
+@dataclass(frozen=True)
+class FetchReport:
+    """What a dataset folder holds once ``fetch`` has finished (counts cover every run)."""
+
+    out: str
+    source: str
+    """``flickr`` (a crawl) or ``pairs``."""
+    anps: int
+    """ANPs to search (0 for pairs)."""
+    searches: int
+    """ANPs whose search is complete."""
+    pages: int
+    """Search result pages fetched from the API (each once, however often the fetch resumed)."""
+    photos: int
+    """Photos found (crawl: counted under at least one ANP) or pairs read."""
+    downloaded: int
+    failed: int
+    failed_by_reason: dict[str, int] = field(default_factory=dict)
+    api_calls: int = 0
+    """API calls made by this run, retries included."""
+    seconds: float = 0.0
+    """Wall time of all runs that built the folder."""
+    runs: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fetch(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    pairs: str | Path | None = None,
+    credentials: Credentials | None = None,
+    retry_failed: bool = False,
+    progress: bool = False,
+) -> FetchReport:
+    """Crawl Flickr for the recipe's ANPs (or ingest ``pairs``, by default the recipe's
+    ``fetch.pairs``) into ``out``; see the module doc.
+
+    ``credentials`` are needed for a crawl (``flickr.client.load_credentials``).
+    """
+    started = time.monotonic()
+    out = Path(out)
+    config = recipe.fetch
+    if pairs is None and config.pairs:
+        pairs = config.pairs
+    if pairs is None and credentials is None:
+        raise ConfigError("a crawl needs Flickr credentials (FLICKR_API_KEY)")
+    anps = [] if pairs is not None else anps_to_search(recipe)
+    with Store(out, config.part_size) as store:
+        common = {"fetch.part_size": config.part_size, "fetch.max_side": config.max_side}
+        if pairs is not None:
+            pairs = Path(pairs).resolve()
+            store.pin({"source": SOURCE_PAIRS, "pairs": str(pairs), **common})
+        else:
+            store.pin({"source": SOURCE_FLICKR, **common, **_search_settings(recipe, anps)})
+        write_recipe(recipe, out / RECIPE_FILE)
+        recovered = store.recover()
+        if recovered:
+            log.info("kept %d images saved by an interrupted run", recovered)
+        if retry_failed:
+            log.info("retrying %d failed photos", store.reset_failed())
+        extra_hosts = [] if pairs is not None else [_host(config.api_url)]
+        settings = DownloadSettings.from_config(config, extra_hosts)
+        api_calls = 0
+        with (
+            _Progress(progress, len(anps), pairs is not None) as bars,
+            _ImageWorkers(store, settings, config.download_concurrency, bars) as workers,
+        ):
+            if pairs is not None:
+                _load_pairs(store, pairs)
+            before = store.counts()
+            bars.start(before.photos, before.downloaded + before.failed, before.anps_done)
+            for photo in store.pending():
+                workers.submit(photo)
+            if pairs is None:
+                api_calls = _crawl(recipe, anps, store, credentials, workers, bars)
+        store.write_parts()
+        counts = store.counts()
+        runs = int(store.meta("runs") or 0) + 1
+        seconds = float(store.meta("seconds") or 0.0) + time.monotonic() - started
+        store.set_meta("runs", str(runs))
+        store.set_meta("seconds", f"{seconds:.3f}")
+    report = FetchReport(
+        out=str(out),
+        source=SOURCE_PAIRS if pairs is not None else SOURCE_FLICKR,
+        anps=len(anps),
+        searches=counts.anps_done,
+        pages=counts.calls,
+        photos=counts.photos,
+        downloaded=counts.downloaded,
+        failed=counts.failed,
+        failed_by_reason=counts.failed_by_reason,
+        api_calls=api_calls,
+        seconds=round(seconds, 3),
+        runs=runs,
+    )
+    atomic_write_json(out / REPORT_FILE, report.to_json())
+    return report
+
+
+def anps_to_search(recipe: Recipe) -> list[Anp]:
+    """The manifest's ANPs that the labelling rule labels (or all of them with ``all_anps``)."""
+    if not recipe.anps.manifest:
+        raise ConfigError(
+            "anps.manifest: a crawl needs an ANP manifest (--manifest or the recipe's"
+            " anps.manifest)"
+        )
+    entries = read_manifest(recipe.anps.manifest)
+    if recipe.fetch.all_anps:
+        return entries
+    pos, neg = recipe.anps.pos_threshold, recipe.anps.neg_threshold
+    return [a for a in entries if label_for_score(a.sentiment, pos, neg) is not None]
+
+
+def _search_settings(recipe: Recipe, anps: list[Anp]) -> dict[str, Any]:
+    """Settings that decide what a crawl finds; a resumed crawl must keep them."""
+    config = recipe.fetch
+    names = "\n".join(a.anp for a in anps)
+    return {
+        "fetch.search_mode": config.search_mode,
+        "fetch.per_anp": config.per_anp,
+        "fetch.per_page": config.per_page,
+        "fetch.extras": config.extras,
+        "fetch.sizes": config.sizes,
+        "fetch.licenses": config.licenses,
+        "the ANPs searched (manifest, thresholds, all_anps)": hashlib.sha256(
+            names.encode()
+        ).hexdigest(),
+    }
+
+
+# --- the crawl ------------------------------------------------------------------------------
+
+
+def _crawl(
+    recipe: Recipe,
+    anps: list[Anp],
+    store: Store,
+    credentials: Credentials | None,
+    workers: _ImageWorkers,
+    bars: _Progress,
+) -> int:
+    """Search every ANP not searched yet, handing new photos to the workers; returns API calls."""
+    assert credentials is not None
+    config = recipe.fetch
+    snapshot = store.meta("snapshot")
+    if snapshot is None:
+        snapshot = str(int(time.time()))
+        store.set_meta("snapshot", snapshot)
+    client = FlickrClient(
+        credentials,
+        api_url=config.api_url,
+        api_format=config.api_format,
+        calls_per_hour=config.calls_per_hour,
+        burst=config.calls_burst,
+        timeout=config.api_timeout,
+        retries=config.api_retries,
+        backoff_base=config.backoff_base,
+        backoff_max=config.backoff_max,
+    )
+
+    def call(params: dict[str, str]) -> PageSummary:
+        cached = store.cached_call(params)
+        if cached is not None:
+            return cached
+        page = client.search(params)
+        photos = [(p.photo_id, _flickr_record(p, config.sizes)) for p in page.photos]
+        return store.save_call(params, page.total, photos)
+
+    for anp in anps:
+        if store.anp_done(anp.anp):
+            continue
+        query = anp_query(
+            anp.anp,
+            anp.adjective,
+            anp.noun,
+            mode=config.search_mode,
+            extras=config.extras,
+            sizes=config.sizes,
+            licenses=config.licenses,
+        )
+        found = 0
+        for ids in search_anp(
+            query, call, per_anp=config.per_anp, per_page=config.per_page, snapshot=int(snapshot)
+        ):
+            found += len(ids)
+            new = store.accept(anp.anp, ids)
+            bars.found(len(new), add=True)
+            for photo in new:
+                workers.submit(photo)
+        store.finish_anp(anp.anp, found)
+        bars.anp_done()
+    return client.calls
+
+
+def _flickr_record(photo: FoundPhoto, sizes: list[str]) -> dict[str, Any]:
+    image_url = next((photo.urls[s] for s in sizes if photo.urls.get(s)), None)
+    return {
+        "source": SOURCE_FLICKR,
+        "label": None,
+        "title": photo.title,
+        "description": photo.description,
+        "tags": photo.tags,
+        "owner": photo.owner,
+        "owner_name": photo.owner_name,
+        "license": photo.license,
+        "date_upload": photo.date_upload,
+        "date_taken": photo.date_taken,
+        "image_url": image_url,
+    }
+
+
+def _host(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or ""
+
+
+# --- pairs ----------------------------------------------------------------------------------
+
+
+def _load_pairs(store: Store, path: Path) -> None:
+    """Read the pairs file into the state once (one transaction: all rows or none)."""
+    digest = _file_sha256(path)
+    loaded = store.meta(PAIRS_SHA256)
+    if loaded is not None:
+        if loaded != digest:
+            raise StateError(
+                f"{store.root} was built from {path} when its sha256 was {loaded[:16]}..., but the"
+                f" file has changed since (now {digest[:16]}...); use another --out"
+            )
+        return
+    base = path.parent
+
+    def rows() -> Iterator[tuple[str, dict[str, Any], str | None]]:
+        for pair in read_pairs(path):
+            record = {
+                "source": SOURCE_PAIRS,
+                "label": pair.label,
+                "description": pair.text,
+                "image_url": pair.image if pair.is_url else None,
+            }
+            local = None if pair.is_url else str((base / pair.image).resolve())
+            yield pair.id, record, local
+
+    added = store.add_pairs(rows(), meta={PAIRS_SHA256: digest})
+    log.info("read %d pairs from %s", added, path)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except FileNotFoundError:
+        raise PairsError(f"{path}: no such file") from None
+    return digest.hexdigest()
+
+
+# --- downloads and progress -----------------------------------------------------------------
+
+
+class _ImageWorkers:
+    """A bounded pool of threads that fetch images and save their outcomes."""
+
+    def __init__(
+        self, store: Store, settings: DownloadSettings, concurrency: int, bars: _Progress
+    ) -> None:
+        self._store = store
+        self._downloader = Downloader(settings)
+        self._settings = settings
+        self._bars = bars
+        self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="download")
+        # At most this many photos queued or in flight, so memory stays flat however many wait.
+        self._slots = threading.BoundedSemaphore(concurrency * 2)
+        self._error: BaseException | None = None
+
+    def submit(self, photo: PendingPhoto) -> None:
+        self._slots.acquire()
+        if self._error is not None:
+            self._slots.release()
+            raise self._error
+        self._executor.submit(self._run, photo)
+
+    def _run(self, photo: PendingPhoto) -> None:
+        try:
+            outcome = self._fetch(photo)
+            self._store.save_outcome(photo, outcome)
+            self._bars.image_done(outcome)
+        except BaseException as exc:  # a disk or state error: stop the fetch, keep the first
+            if self._error is None:
+                self._error = exc
+        finally:
+            self._slots.release()
+
+    def _fetch(self, photo: PendingPhoto) -> Outcome:
+        if photo.local_path is not None:
+            return read_local_image(Path(photo.local_path), self._settings)
+        if photo.image_url is None:
+            return Outcome.failed(NO_IMAGE_URL)
+        return self._downloader.get(photo.image_url)
+
+    def __enter__(self) -> _ImageWorkers:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        # On an error or ^C the queued photos are dropped; the ones in flight finish and are
+        # saved, and the next run fetches the rest.
+        self._executor.shutdown(wait=True, cancel_futures=exc is not None)
+        self._downloader.close()
+        if exc is None and self._error is not None:
+            raise self._error
+
+
+class _Progress:
+    """Two progress bars: ANPs searched (with photos found) and images fetched."""
+
+    def __init__(self, enabled: bool, anps: int, pairs: bool) -> None:
+        self._lock = threading.Lock()
+        self._found = 0
+        self._stack = contextlib.ExitStack()
+        self._anps = None
+        if enabled and not pairs:
+            self._anps = self._stack.enter_context(
+                tqdm(total=anps, unit="ANP", desc="ANPs searched", dynamic_ncols=True)
+            )
+        self._images = None
+        if enabled:
+            self._images = self._stack.enter_context(
+                tqdm(total=0, unit="img", desc="images", dynamic_ncols=True)
+            )
+        self._failed = 0
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def start(self, found: int, fetched: int, anps_done: int) -> None:
+        """Show the work earlier runs did."""
+        with self._lock:
+            if self._images is not None:
+                self._images.update(fetched)
+            if self._anps is not None:
+                self._anps.update(anps_done)
+        self.found(found)
+
+    def found(self, n: int, add: bool = False) -> None:
+        """Set (or with ``add``, raise) the count of photos found."""
+        with self._lock:
+            self._found = self._found + n if add else n
+            if self._anps is not None:
+                self._anps.set_postfix(found=self._found, refresh=False)
+            if self._images is not None:
+                self._images.total = self._found
+                self._images.refresh()
+
+    def anp_done(self) -> None:
+        if self._anps is not None:
+            with self._lock:
+                self._anps.update(1)
+
+    def image_done(self, outcome: Outcome) -> None:
+        if self._images is not None:
+            with self._lock:
+                self._failed += not outcome.ok
+                self._images.set_postfix(failed=self._failed, refresh=False)
+                self._images.update(1)

@@ -1,0 +1,1 @@
+"""Step 3: the shard set's format, and writing and verifying shard sets."""

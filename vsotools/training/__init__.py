@@ -1,0 +1,1 @@
+"""Step 4: the networks, the streaming loader, training, evaluation and prediction."""

@@ -1,0 +1,154 @@
+"""The training checkpoint: what a run saves, how it is written, and how a model comes back.
+
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so that
+``torch.load(path, weights_only=True)`` reads it::
+
+    format, version       "vsotools-checkpoint", 1
+    model_type            "fusion" | "text" | "image"
+    recipe                the resolved recipe as TOML text
+    vocab, lowercase      the text model's words in id order (with <pad>, <unk>), or None
+    tweet_tokens          whether mentions and hashtags were normalised (absent: no)
+    model                 state dict (the word vectors are its text.embedding.weight)
+    optimizer, scheduler  state dicts
+    epoch, step           epochs finished, optimizer steps taken
+    steps_per_epoch, world_size
+    rng                   python, torch and CUDA generator states
+    history               one dict per finished epoch (what RUN/metrics.jsonl holds)
+    selection             the model-selection state (best score, its epoch, epochs since)
+
+A run keeps two: ``RUN/last.pt``, the state after the last finished epoch (what ``--resume``
+reads), and ``RUN/checkpoint.pt``, the selected model (the last epoch's, or the best on the
+validation split), a hard link to the ``last.pt`` of the epoch that was selected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import random
+import shutil
+import tomllib
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vsotools.core.config import Recipe, recipe_from_dict, recipe_to_toml
+from vsotools.core.errors import VsoError
+from vsotools.training.models import SentimentNet, build_model
+from vsotools.training.vocab import SPECIALS, Vocabulary
+
+FORMAT = "vsotools-checkpoint"
+VERSION = 1
+LAST_NAME = "last.pt"
+SELECTED_NAME = "checkpoint.pt"
+
+
+class CheckpointError(VsoError):
+    """A checkpoint is missing, unreadable or not a vsotools checkpoint."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (with the format stamp) through a temporary file and ``os.replace``."""
+    from vsotools.core.files import atomic_open
+
+    with atomic_open(path, "wb") as fh:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, fh)
+
+
+def publish(source: str | Path, target: str | Path) -> None:
+    """Make ``target`` the same file as ``source`` (a hard link; a copy where links fail),
+    atomically: ``target`` is never missing or partial."""
+    source, target = Path(source), Path(target)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
+
+
+def load_weights_file(path: str | Path) -> Any:
+    """Whatever a torch file holds (read with ``weights_only=True`` onto the CPU): a vsotools
+    checkpoint or, for ``train.init_image``, a plain state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from None
+
+
+def is_checkpoint(state: Any) -> bool:
+    return isinstance(state, dict) and state.get("format") == FORMAT
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` onto the CPU."""
+    state = load_weights_file(path)
+    if not is_checkpoint(state):
+        raise CheckpointError(f"{path}: not a vsotools checkpoint")
+    return checked_version(state, path)
+
+
+def checked_version(state: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    if state.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint version {state.get('version')!r}; this vsotools reads {VERSION}"
+        )
+    return state
+
+
+def recipe_of(state: dict[str, Any]) -> Recipe:
+    """The resolved recipe a checkpoint was trained with."""
+    return recipe_from_dict(tomllib.loads(state["recipe"]), base_dir=Path("/"))
+
+
+def recipe_text(recipe: Recipe) -> str:
+    return recipe_to_toml(recipe)
+
+
+def vocabulary_of(state: dict[str, Any]) -> Vocabulary | None:
+    words = state.get("vocab")
+    if words is None:
+        return None
+    return Vocabulary(
+        words[len(SPECIALS) :],
+        lowercase=bool(state["lowercase"]),
+        tweets=bool(state.get("tweet_tokens", False)),
+    )
+
+
+def model_of(state: dict[str, Any]) -> tuple[SentimentNet, Recipe, Vocabulary | None]:
+    """The trained model (on the CPU, in eval mode), its recipe and its vocabulary."""
+    recipe = recipe_of(state)
+    vocab = vocabulary_of(state)
+    embeddings = None
+    if vocab is not None:
+        embeddings = torch.zeros(len(vocab), recipe.train.word_dim)
+    model = build_model(recipe.train, embeddings)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, recipe, vocab
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError, IndexError):
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,139 @@
+"""Applying a model: mixed precision, the evaluation pass over a split, one prediction.
+
+Shared by ``train`` (evaluation after each epoch) and ``evaluate`` / ``predict``, so the numbers a
+run saves and the numbers ``vsotools evaluate`` prints come from the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vsotools.core import images as image_rules
+from vsotools.core import schema
+from vsotools.core.config import Recipe
+from vsotools.core.errors import VsoError
+from vsotools.core.metrics import Metrics, compute_metrics
+from vsotools.training.loader import BatchMover, SampleDecoder, collate
+from vsotools.training.models import SentimentNet
+from vsotools.training.vocab import Vocabulary
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where asked (``auto``: on GPU); None for full fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class Outputs:
+    """What an evaluation pass saw: true labels, positive-class probabilities, summed loss."""
+
+    labels: list[int] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
+    loss_sum: float = 0.0
+
+    @classmethod
+    def merge(cls, parts: Iterable[Outputs]) -> Outputs:
+        merged = cls()
+        for part in parts:
+            merged.labels += part.labels
+            merged.probabilities += part.probabilities
+            merged.loss_sum += part.loss_sum
+        return merged
+
+    def metrics(self) -> Metrics:
+        loss = self.loss_sum / len(self.labels) if self.labels else None
+        return compute_metrics(self.labels, self.probabilities, loss)
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: SentimentNet,
+    batches: Iterable[dict[str, Any]],
+    mover: BatchMover,
+    dtype: torch.dtype | None,
+    *,
+    progress: bool = False,
+    desc: str = "evaluate",
+) -> Outputs:
+    """Run ``model`` (in eval mode) over ``batches``; unweighted cross-entropy."""
+    model.eval()
+    outputs = Outputs()
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+        inputs = mover.inputs(batch, train=False)
+        labels = mover.labels(batch)
+        with autocast(mover.device, dtype):
+            logits = model(**inputs)
+        logits = logits.float()
+        outputs.loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        outputs.labels += labels.tolist()
+        outputs.probabilities += torch.softmax(logits, dim=1)[:, schema.POSITIVE].tolist()
+    return outputs
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    """``negative`` or ``positive``."""
+    probability: float
+    """Probability of ``label``."""
+    positive_probability: float
+
+
+@torch.no_grad()
+def predict_one(
+    model: SentimentNet,
+    recipe: Recipe,
+    vocab: Vocabulary | None,
+    *,
+    image: bytes | None,
+    text: str | None,
+) -> Prediction:
+    """Classify one image and/or text as ``evaluate`` would after ``shard`` re-encoded it."""
+    if model.uses_text and text is None:
+        raise VsoError(f"this {recipe.train.model} model reads text: give --text")
+    if model.uses_image and image is None:
+        raise VsoError(f"this {recipe.train.model} model reads an image: give --image")
+    sample: dict[str, Any] = {schema.SAMPLE_KEY: "input", schema.SAMPLE_CLASS: b"0"}
+    if model.uses_text:
+        sample[schema.SAMPLE_TEXT] = (text or "").encode("utf-8")
+    if model.uses_image:
+        sample[schema.SAMPLE_IMAGE] = as_shard_jpeg(image or b"", recipe)
+    decoder = SampleDecoder(
+        vocab=vocab if model.uses_text else None,
+        max_words=recipe.train.max_words,
+        crop_size=recipe.train.crop_size if model.uses_image else None,
+        train=False,
+    )
+    batch = collate([decoder(sample, rng=None)])  # type: ignore[arg-type]
+    device = next(model.parameters()).device
+    mover = BatchMover(device, crop_size=recipe.train.crop_size)
+    model.eval()
+    logits = model(**mover.inputs(batch, train=False)).float()
+    positive = torch.softmax(logits, dim=1)[0, schema.POSITIVE].item()
+    index = int(positive > 0.5)
+    probability = positive if index == schema.POSITIVE else 1 - positive
+    return Prediction(schema.LABEL_NAMES[index], probability, positive)
+
+
+def as_shard_jpeg(data: bytes, recipe: Recipe) -> bytes:
+    """An image file re-encoded the way ``vsotools shard`` stores it (shorter side, quality)."""
+    size = recipe.shard.image_size
+    image = image_rules.load_rgb(data, shorter_side_at_least=size)
+    return image_rules.encode_jpeg(
+        image_rules.resize_shorter_side(image, size), recipe.shard.quality
+    )
