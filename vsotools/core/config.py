@@ -17,10 +17,11 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,24 +29,46 @@ from typing import Any, Literal
 from vsotools.core.errors import ConfigError
 from vsotools.core.files import atomic_write_text
 
-PATH = {"path": True}
-"""Field metadata marking a string field as a filesystem path (resolved against a base folder)."""
 
+def setting(
+    default: Any,
+    help: str,
+    *,
+    path: bool = False,
+    unit: str | None = None,
+    shapes_output: bool = True,
+) -> Any:
+    """A recipe setting: a dataclass field with its default and its one-line ``help``.
 
-def _path(default: str = "") -> Any:
-    return field(default=default, metadata=PATH)
+    The help is what ``vsotools COMMAND --help`` shows for the setting's flag. ``path`` marks a
+    filesystem path (resolved against a base folder); ``unit = "bytes"`` lets command-line text
+    give sizes such as ``500MB``; ``shapes_output = False`` marks a setting that changes how fast
+    or how patiently a stage works but not what it writes (processes, timeouts, retries), so
+    that changing it leaves an output current (``output_settings``).
+    """
+    metadata = {"help": help, "path": path, "unit": unit, "shapes_output": shapes_output}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class AnpsConfig:
     """The ANP manifest and the labelling rule (see ``vsotools.anps.label_for_score``)."""
 
-    manifest: str = _path()
-    """Manifest CSV (``anp,adjective,noun,sentiment``); empty for datasets with given labels."""
-    pos_threshold: float = 0.0
-    """An ANP is positive when its score is strictly greater than this."""
-    neg_threshold: float = 0.0
-    """An ANP is negative when its score is strictly less than this."""
+    manifest: str = setting(
+        "",
+        "Manifest CSV (``anp,adjective,noun,sentiment``); empty for datasets with given labels.",
+        path=True,
+    )
+    pos_threshold: float = setting(
+        0.0,
+        "An ANP is positive when its score is strictly greater than this.",
+    )
+    neg_threshold: float = setting(
+        0.0,
+        "An ANP is negative when its score is strictly less than this.",
+    )
 
     def validate(self) -> None:
         _check(
@@ -59,25 +82,41 @@ class AnpsConfig:
 class FetchConfig:
     """How ``vsotools fetch`` searches Flickr and downloads, validates and stores images."""
 
-    pairs: str = _path()
-    """An image+text pairs file (JSONL, CSV or Parquet: id, text, label, image) to ingest
-    instead of crawling Flickr; empty: crawl."""
+    pairs: str = setting(
+        "",
+        "An image+text pairs file (JSONL, CSV or Parquet: id, text, label, image) to ingest instead of crawling Flickr; empty: crawl.",
+        path=True,
+    )
 
     # --- the Flickr API ---
-    api_url: str = "https://api.flickr.com/services/rest/"
-    """Flickr REST endpoint; point it at ``vsotools flickr-server`` for offline runs."""
-    api_format: Literal["json", "xml"] = "json"
-    """Response format asked of the API (flickrapi's ``parsed-json`` or ``etree``)."""
-    search_mode: Literal["text", "tags"] = "text"
-    """``text``: free-text search of the ANP's two words; ``tags``: ``tags=adj,noun&tag_mode=all``."""
-    all_anps: bool = False
-    """Search every ANP of the manifest; by default only those the labelling rule labels."""
-    per_anp: int = 1000
-    """Most photos recorded per ANP."""
-    per_page: int = 500
-    """Results per search page (Flickr's maximum is 500)."""
-    extras: list[str] = field(
-        default_factory=lambda: [
+    api_url: str = setting(
+        "https://api.flickr.com/services/rest/",
+        "Flickr REST endpoint; point it at ``vsotools flickr-server`` for offline runs.",
+        shapes_output=False,
+    )
+    api_format: Literal["json", "xml"] = setting(
+        "json",
+        "Response format asked of the API (flickrapi's ``parsed-json`` or ``etree``).",
+        shapes_output=False,
+    )
+    search_mode: Literal["text", "tags"] = setting(
+        "text",
+        "``text``: free-text search of the ANP's two words; ``tags``: ``tags=adj,noun&tag_mode=all``.",
+    )
+    all_anps: bool = setting(
+        False,
+        "Search every ANP of the manifest; by default only those the labelling rule labels.",
+    )
+    per_anp: int = setting(
+        1000,
+        "Most photos recorded per ANP.",
+    )
+    per_page: int = setting(
+        500,
+        "Results per search page (Flickr's maximum is 500).",
+    )
+    extras: list[str] = setting(
+        [
             "description",
             "tags",
             "license",
@@ -87,51 +126,92 @@ class FetchConfig:
             "url_m",
             "url_z",
             "url_l",
-        ]
+        ],
+        "Extra fields asked of ``flickr.photos.search``.",
     )
-    """Extra fields asked of ``flickr.photos.search``."""
-    sizes: list[str] = field(default_factory=lambda: ["url_z", "url_m", "url_l"])
-    """Image renditions to download, in order of preference; the first one a photo has wins
-    (they are asked of the search as extras too)."""
-    licenses: list[int] = field(default_factory=list)
-    """Only photos under these licence ids (e.g. 1,2,4,5,9,10 for CC and public domain); empty: any."""
-    calls_per_hour: int = 3600
-    """API call budget per key (a token bucket); Flickr's documented quota is 3,600."""
-    calls_burst: int = 10
-    """Most API calls made back to back before the hourly rate applies (the bucket's size)."""
-    api_timeout: float = 60.0
-    """Seconds to wait for one API response."""
-    api_retries: int = 8
-    """Retries of an API call after a transient failure (429, 5xx, timeout, codes 10/105/201)."""
+    sizes: list[str] = setting(
+        ["url_z", "url_m", "url_l"],
+        "Image renditions to download, in order of preference; the first one a photo has wins (they are asked of the search as extras too).",
+    )
+    licenses: list[int] = setting(
+        [],
+        "Only photos under these licence ids (e.g. 1,2,4,5,9,10 for CC and public domain); empty: any.",
+    )
+    calls_per_hour: int = setting(
+        3600,
+        "API call budget per key (a token bucket); Flickr's documented quota is 3,600.",
+        shapes_output=False,
+    )
+    calls_burst: int = setting(
+        10,
+        "Most API calls made back to back before the hourly rate applies (the bucket's size).",
+        shapes_output=False,
+    )
+    api_timeout: float = setting(
+        60.0,
+        "Seconds to wait for one API response.",
+        shapes_output=False,
+    )
+    api_retries: int = setting(
+        8,
+        "Retries of an API call after a transient failure (429, 5xx, timeout, codes 10/105/201).",
+        shapes_output=False,
+    )
 
     # --- the image downloader ---
-    download_concurrency: int = 32
-    """Image downloads in flight at once (threads sharing pooled HTTP connections)."""
-    download_timeout: float = 30.0
-    """Seconds to wait for an image server to connect or to send more bytes."""
-    download_retries: int = 8
-    """Retries of an image download after a transient failure (429, 5xx, timeout, reset)."""
-    backoff_base: float = 0.5
-    """Nominal first retry delay in seconds, doubled on each retry; each delay is drawn between
-    half and all of its nominal value (jitter)."""
-    backoff_max: float = 60.0
-    """Longest retry delay in seconds."""
-    allowed_hosts: list[str] = field(default_factory=lambda: ["*.staticflickr.com"])
-    """Image hosts that may be contacted (``*.`` matches subdomains; ``*`` any); the API host is
-    always allowed."""
-    min_side: int = 32
-    """Images narrower or lower than this many pixels are rejected (``too_small``)."""
-    max_pixels: int = 40_000_000
-    """Images with more pixels are rejected before decoding (``too_many_pixels``)."""
-    max_bytes: int = 30_000_000
-    """Images larger than this many bytes are rejected (``too_large``)."""
-    max_side: int = 0
-    """Downscale images whose longer side exceeds this many pixels before storing them (JPEG);
-    0 stores the served file unchanged."""
-    jpeg_quality: int = 90
-    """JPEG quality of images downscaled at download time."""
-    part_size: int = 1000
-    """Photos per metadata part file and per image folder (``images/{part:05d}/``)."""
+    download_concurrency: int = setting(
+        32,
+        "Image downloads in flight at once (threads sharing pooled HTTP connections).",
+        shapes_output=False,
+    )
+    download_timeout: float = setting(
+        30.0,
+        "Seconds to wait for an image server to connect or to send more bytes.",
+        shapes_output=False,
+    )
+    download_retries: int = setting(
+        8,
+        "Retries of an image download after a transient failure (429, 5xx, timeout, reset).",
+        shapes_output=False,
+    )
+    backoff_base: float = setting(
+        0.5,
+        "Nominal first retry delay in seconds, doubled on each retry; each delay is drawn between half and all of its nominal value (jitter).",
+        shapes_output=False,
+    )
+    backoff_max: float = setting(
+        60.0,
+        "Longest retry delay in seconds.",
+        shapes_output=False,
+    )
+    allowed_hosts: list[str] = setting(
+        ["*.staticflickr.com"],
+        "Image hosts that may be contacted (``*.`` matches subdomains; ``*`` any); the API host is always allowed.",
+    )
+    min_side: int = setting(
+        32,
+        "Images narrower or lower than this many pixels are rejected (``too_small``).",
+    )
+    max_pixels: int = setting(
+        40_000_000,
+        "Images with more pixels are rejected before decoding (``too_many_pixels``).",
+    )
+    max_bytes: int = setting(
+        30_000_000,
+        "Images larger than this many bytes are rejected (``too_large``).",
+    )
+    max_side: int = setting(
+        0,
+        "Downscale images whose longer side exceeds this many pixels before storing them (JPEG); 0 stores the served file unchanged.",
+    )
+    jpeg_quality: int = setting(
+        90,
+        "JPEG quality of images downscaled at download time.",
+    )
+    part_size: int = setting(
+        1000,
+        "Photos per metadata part file and per image folder (``images/{part:05d}/``).",
+    )
 
     def validate(self) -> None:
         _check(
@@ -181,24 +261,43 @@ class FetchConfig:
 class FilterConfig:
     """The paper's filtering rules and the train/test split."""
 
-    min_words: int = 5
-    """Keep a photo when min_words <= words <= max_words (bounds inclusive)."""
-    max_words: int = 150
-    text_fields: list[Literal["title", "description", "tags"]] = field(
-        default_factory=lambda: ["description"]
+    min_words: int = setting(
+        5,
+        "Fewest words a kept photo's text may have (inclusive).",
     )
-    """Fields joined into a photo's text; the paper uses the description alone."""
-    test_fraction: float = 0.2
-    seed: int = 2017
-    """Seed of the hash that assigns each split group to train or test."""
-    group_by: Literal["photo", "owner"] = "photo"
-    """``photo`` is the paper's protocol; ``owner`` keeps each Flickr user on one side."""
-    dedup_images: bool = True
-    """Keep one photo of each set with identical image bytes."""
-    dedup_owner_text: bool = True
-    """Keep one photo of each set posted by one owner with the same text (bulk uploads)."""
-    workers: int = 0
-    """Processes counting words; 0: one per core."""
+    max_words: int = setting(
+        150,
+        "Most words a kept photo's text may have (inclusive).",
+    )
+    text_fields: list[Literal["title", "description", "tags"]] = setting(
+        ["description"],
+        "Fields joined into a photo's text; the paper uses the description alone.",
+    )
+    test_fraction: float = setting(
+        0.2,
+        "Share of split groups (photos, or owners with group_by = owner) that go to the test split.",
+    )
+    seed: int = setting(
+        2017,
+        "Seed of the hash that assigns each split group to train or test.",
+    )
+    group_by: Literal["photo", "owner"] = setting(
+        "photo",
+        "``photo`` is the paper's protocol; ``owner`` keeps each Flickr user on one side.",
+    )
+    dedup_images: bool = setting(
+        True,
+        "Keep one photo of each set with identical image bytes.",
+    )
+    dedup_owner_text: bool = setting(
+        True,
+        "Keep one photo of each set posted by one owner with the same text (bulk uploads).",
+    )
+    workers: int = setting(
+        0,
+        "Processes counting words; 0: one per core.",
+        shapes_output=False,
+    )
 
     def validate(self) -> None:
         _check(self.min_words >= 0, "filter.min_words", "must not be negative")
@@ -216,26 +315,41 @@ class FilterConfig:
 class ShardConfig:
     """How ``vsotools shard`` writes WebDataset tar shards."""
 
-    image_size: int = 256
-    """Shorter side of the re-encoded JPEG; training takes random crops of ``train.crop_size``."""
-    quality: int = 90
-    """JPEG quality of the re-encoded images."""
-    maxcount: int = 2000
-    """Most samples per shard."""
-    maxsize: int = 512_000_000
-    """Most bytes per shard. Shards are planned from the size of a sample of re-encoded images
-    (plus a margin), so a shard exceeds it only when its images encode much larger than that."""
-    seed: int = 2017
-    """Seed of the shuffle that orders each split before it is cut into shards."""
-    readers: int = 8
-    """Loader processes that read the train split at once (nodes x processes per node x
-    data-loader workers). The train split is cut into at least this many shards, so that each
-    reader gets one; a split with fewer samples than readers is warned about."""
-    max_skipped: float = 0.01
-    """Largest fraction of photos whose image may be missing or undecodable: those are left out
-    and listed in the manifest. Beyond it the run fails before writing the manifest."""
-    workers: int = 2
-    """Processes writing shards in parallel."""
+    image_size: int = setting(
+        256,
+        "Shorter side of the re-encoded JPEG; training takes random crops of ``train.crop_size``.",
+    )
+    quality: int = setting(
+        90,
+        "JPEG quality of the re-encoded images.",
+    )
+    maxcount: int = setting(
+        2000,
+        "Most samples per shard.",
+    )
+    maxsize: int = setting(
+        512_000_000,
+        "Most bytes per shard. Shards are planned from the size of a sample of re-encoded images (plus a margin), so a shard exceeds it only when its images encode much larger than that.",
+        unit="bytes",
+    )
+    seed: int = setting(
+        2017,
+        "Seed of the shuffle that orders each split before it is cut into shards.",
+    )
+    readers: int = setting(
+        8,
+        "Loader processes that read the train split at once (nodes x processes per node x data-loader workers). The train split is cut into at least this many shards, so that each reader gets one; a split with fewer samples than readers is warned about.",
+    )
+    max_skipped: float = setting(
+        0.01,
+        "Largest fraction of photos whose image may be missing or undecodable: those are left out and listed in the manifest. Beyond it the run fails before writing the manifest.",
+        shapes_output=False,
+    )
+    workers: int = setting(
+        2,
+        "Processes writing shards in parallel.",
+        shapes_output=False,
+    )
 
     def validate(self) -> None:
         _check(self.image_size > 0, "shard.image_size", "must be positive")
@@ -251,16 +365,26 @@ class ShardConfig:
 class RunConfig:
     """How ``vsotools run`` chains the stages and which models it trains on the same shards."""
 
-    models: list[Literal["fusion", "text", "image"]] = field(default_factory=lambda: ["fusion"])
-    """Models to train and compare; ``text`` and ``image`` are the paper's ST and SV baselines."""
-    fusion_from_branches: bool = False
-    """Train ``text`` and ``image`` first and start the fusion model from their weights."""
-    fusion_set: list[str] = field(default_factory=list)
-    """``train.KEY=VALUE`` overrides for the fusion model only (as ``--set`` takes them)."""
-    text_set: list[str] = field(default_factory=list)
-    """``train.KEY=VALUE`` overrides for the text model only."""
-    image_set: list[str] = field(default_factory=list)
-    """``train.KEY=VALUE`` overrides for the image model only."""
+    models: list[Literal["fusion", "text", "image"]] = setting(
+        ["fusion"],
+        "Models to train and compare; ``text`` and ``image`` are the paper's ST and SV baselines.",
+    )
+    fusion_from_branches: bool = setting(
+        False,
+        "Train ``text`` and ``image`` first and start the fusion model from their weights.",
+    )
+    fusion_set: list[str] = setting(
+        [],
+        "``train.KEY=VALUE`` overrides for the fusion model only (as ``--set`` takes them).",
+    )
+    text_set: list[str] = setting(
+        [],
+        "``train.KEY=VALUE`` overrides for the text model only.",
+    )
+    image_set: list[str] = setting(
+        [],
+        "``train.KEY=VALUE`` overrides for the image model only.",
+    )
 
     def validate(self) -> None:
         _check(bool(self.models), "run.models", "must name at least one model")
@@ -287,109 +411,200 @@ class TrainConfig:
     (class imbalance, a few thousand samples) and leave the paper's setup unchanged when unset.
     """
 
-    model: Literal["fusion", "text", "image"] = "fusion"
-    """``fusion``: both branches; ``text``: the ST baseline; ``image``: the SV baseline."""
-    batch_size: int = 100
-    lr: float = 1e-4
-    """Adam learning rate at step 0."""
-    lr_decay: float = 0.96
-    lr_decay_steps: int = 3000
-    """Staircase decay: lr * lr_decay ** (step // lr_decay_steps)."""
-    weight_decay: float = 0.0
-    """Adam's L2 penalty (off by default)."""
-    epochs: int = 10
-    seed: int = 2017
-    """Seeds model initialisation, word2vec, data order, augmentation and the validation carve."""
+    model: Literal["fusion", "text", "image"] = setting(
+        "fusion",
+        "``fusion``: both branches; ``text``: the ST baseline; ``image``: the SV baseline.",
+    )
+    batch_size: int = setting(
+        100,
+        "Samples per optimizer step in each training process.",
+    )
+    lr: float = setting(
+        1e-4,
+        "Adam learning rate at step 0.",
+    )
+    lr_decay: float = setting(
+        0.96,
+        "Factor applied to the learning rate every lr_decay_steps steps.",
+    )
+    lr_decay_steps: int = setting(
+        3000,
+        "Staircase decay: lr * lr_decay ** (step // lr_decay_steps).",
+    )
+    weight_decay: float = setting(
+        0.0,
+        "Adam's L2 penalty (off by default).",
+    )
+    epochs: int = setting(
+        10,
+        "Passes over the train split (each a fixed number of steps).",
+    )
+    seed: int = setting(
+        2017,
+        "Seeds model initialisation, word2vec, data order, augmentation and the validation carve.",
+    )
 
     # --- the text branch (Kim's CNN over static word vectors) ---
-    word_dim: int = 200
-    """Size of the static word2vec vectors."""
-    max_words: int = 150
-    """Texts are cut to this many tokens (a batch is padded to its longest text)."""
-    filter_widths: list[int] = field(default_factory=lambda: [3, 4, 5])
-    num_filters: int = 100
-    """Filters per width in the text CNN."""
-    lowercase: bool = True
-    """Lower-case tokens before looking them up (for the vocabulary and word2vec alike)."""
-    tweet_tokens: bool = False
-    """Off by default. For tweets: every @mention reads as one token ``@user`` and a hashtag as
-    two, ``#`` and its word, so ``#happy`` and ``happy`` share a vector (vocabulary and word2vec
-    alike)."""
-    word_vectors: str = _path()
-    """word2vec (binary/text) or gensim KeyedVectors file; empty: train Word2Vec on the train split."""
-    w2v_algorithm: Literal["skipgram", "cbow"] = "skipgram"
-    """Word2Vec training algorithm when no ``word_vectors`` file is given."""
-    w2v_window: int = 5
-    w2v_min_count: int = 1
-    """Words seen fewer times in the training texts get no vector of their own (they map to <unk>)."""
-    w2v_epochs: int = 5
-    oov_scale: float = 0.25
-    """Words without a vector get one drawn uniformly from [-oov_scale, oov_scale] (Kim 2014)."""
-    tune_vectors: bool = False
-    """Off by default (the paper's vectors are static). Let training update the word vectors too
-    (Kim's CNN-non-static)."""
-    drop_components: int = 0
-    """Off by default (0). k > 0: subtract the mean word vector, remove the top k principal
-    directions ("all-but-the-top", Mu and Viswanath 2018) and scale the vectors to the spread of
-    the random ones. word2vec trained on a few thousand short texts gives nearly parallel vectors
-    (cosine about 0.99) that the CNN cannot tell apart; k = 3 separates them."""
+    word_dim: int = setting(
+        200,
+        "Size of the static word2vec vectors.",
+    )
+    max_words: int = setting(
+        150,
+        "Texts are cut to this many tokens (a batch is padded to its longest text).",
+    )
+    filter_widths: list[int] = setting(
+        [3, 4, 5],
+        "Widths, in words, of the text CNN's filters.",
+    )
+    num_filters: int = setting(
+        100,
+        "Filters per width in the text CNN.",
+    )
+    lowercase: bool = setting(
+        True,
+        "Lower-case tokens before looking them up (for the vocabulary and word2vec alike).",
+    )
+    tweet_tokens: bool = setting(
+        False,
+        "Off by default. For tweets: every @mention reads as one token ``@user`` and a hashtag as two, ``#`` and its word, so ``#happy`` and ``happy`` share a vector (vocabulary and word2vec alike).",
+    )
+    word_vectors: str = setting(
+        "",
+        "word2vec (binary/text) or gensim KeyedVectors file; empty: train Word2Vec on the train split.",
+        path=True,
+    )
+    w2v_algorithm: Literal["skipgram", "cbow"] = setting(
+        "skipgram",
+        "Word2Vec training algorithm when no ``word_vectors`` file is given.",
+    )
+    w2v_window: int = setting(
+        5,
+        "Word2Vec's context window, in words (when no word_vectors file is given).",
+    )
+    w2v_min_count: int = setting(
+        1,
+        "Words seen fewer times in the training texts get no vector of their own (they map to <unk>).",
+    )
+    w2v_epochs: int = setting(
+        5,
+        "Word2Vec's passes over the training texts.",
+    )
+    oov_scale: float = setting(
+        0.25,
+        "Words without a vector get one drawn uniformly from [-oov_scale, oov_scale] (Kim 2014).",
+    )
+    tune_vectors: bool = setting(
+        False,
+        "Off by default (the paper's vectors are static). Let training update the word vectors too (Kim's CNN-non-static).",
+    )
+    drop_components: int = setting(
+        0,
+        'Off by default (0). k > 0: subtract the mean word vector, remove the top k principal directions ("all-but-the-top", Mu and Viswanath 2018) and scale the vectors to the spread of the random ones. word2vec trained on a few thousand short texts gives nearly parallel vectors (cosine about 0.99) that the CNN cannot tell apart; k = 3 separates them.',
+    )
 
     # --- the image branch (AlexNet-like) ---
-    crop_size: int = 224
-    """Side of the square crop the image branch sees (at least 63 for the AlexNet-like branch)."""
-    conv_channels: list[int] = field(default_factory=lambda: [96, 256, 384, 384, 256])
-    """Output channels of the five convolutional layers (AlexNet's widths)."""
-    lrn: bool = True
-    """Local response normalisation after the first two convolutions, as in AlexNet. Off for
-    ImageNet weights in torchvision's AlexNet layout (``init_image``), which were trained without."""
-    hflip: bool = True
-    """Random horizontal flips in training."""
-    scale_jitter: float = 0.0
-    """Off by default. Training crops of side crop_size * U(1 - j, 1 + j), resized to crop_size."""
-    color_jitter: float = 0.0
-    """Off by default. Brightness, contrast and saturation each scaled by U(1 - j, 1 + j)."""
+    crop_size: int = setting(
+        224,
+        "Side of the square crop the image branch sees (at least 63 for the AlexNet-like branch).",
+    )
+    conv_channels: list[int] = setting(
+        [96, 256, 384, 384, 256],
+        "Output channels of the five convolutional layers (AlexNet's widths).",
+    )
+    lrn: bool = setting(
+        True,
+        "Local response normalisation after the first two convolutions, as in AlexNet. Off for ImageNet weights in torchvision's AlexNet layout (``init_image``), which were trained without.",
+    )
+    hflip: bool = setting(
+        True,
+        "Random horizontal flips in training.",
+    )
+    scale_jitter: float = setting(
+        0.0,
+        "Off by default. Training crops of side crop_size * U(1 - j, 1 + j), resized to crop_size.",
+    )
+    color_jitter: float = setting(
+        0.0,
+        "Off by default. Brightness, contrast and saturation each scaled by U(1 - j, 1 + j).",
+    )
 
     # --- the head ---
-    fc_sizes: list[int] = field(default_factory=lambda: [4096, 4096])
-    """Hidden fully connected layers before the 2-way output (three FC layers in all)."""
-    dropout: float = 0.5
-    """Dropout before each fully connected layer."""
-    modality_dropout: float = 0.0
-    """Off by default. Fusion only: in training, each sample loses its text features with this
-    probability, or else its image features with the same probability (never both), so the head
-    learns to use each branch alone too (ModDrop, Neverova et al. 2015)."""
+    fc_sizes: list[int] = setting(
+        [4096, 4096],
+        "Hidden fully connected layers before the 2-way output (three FC layers in all).",
+    )
+    dropout: float = setting(
+        0.5,
+        "Dropout before each fully connected layer.",
+    )
+    modality_dropout: float = setting(
+        0.0,
+        "Off by default. Fusion only: in training, each sample loses its text features with this probability, or else its image features with the same probability (never both), so the head learns to use each branch alone too (ModDrop, Neverova et al. 2015).",
+    )
 
     # --- the loss, model selection and warm starts (off by default) ---
-    class_weights: Literal["none", "balanced"] = "none"
-    """``balanced``: cross-entropy weights n / (2 n_class) from the train split's label counts."""
-    val_fraction: float = 0.0
-    """Share of the train split held out for validation, chosen by a hash of the sample key."""
-    select: Literal["last", "val_loss", "val_accuracy", "val_macro_f1"] = "last"
-    """Which epoch's model RUN/checkpoint.pt keeps: the last, or the best on the validation split."""
-    patience: int = 0
-    """Stop after this many epochs without a better validation ``select`` metric (0: never)."""
-    init_text: str = _path()
-    """Checkpoint (text or fusion) whose text branch and vocabulary start the model."""
-    init_image: str = _path()
-    """Checkpoint (image or fusion) whose image branch starts the model, or ImageNet weights in
-    torchvision's AlexNet layout (``alexnet-owt-7be5be79.pth``; needs ``conv_channels`` =
-    [64, 192, 384, 256, 256] and ``lrn`` = false)."""
-    freeze_branches_epochs: int = 0
-    """Train only the head for this many epochs, then everything."""
+    class_weights: Literal["none", "balanced"] = setting(
+        "none",
+        "``balanced``: cross-entropy weights n / (2 n_class) from the train split's label counts.",
+    )
+    val_fraction: float = setting(
+        0.0,
+        "Share of the train split held out for validation, chosen by a hash of the sample key.",
+    )
+    select: Literal["last", "val_loss", "val_accuracy", "val_macro_f1"] = setting(
+        "last",
+        "Which epoch's model RUN/checkpoint.pt keeps: the last, or the best on the validation split.",
+    )
+    patience: int = setting(
+        0,
+        "Stop after this many epochs without a better validation ``select`` metric (0: never).",
+    )
+    init_text: str = setting(
+        "",
+        "Checkpoint (text or fusion) whose text branch and vocabulary start the model.",
+        path=True,
+    )
+    init_image: str = setting(
+        "",
+        "Checkpoint (image or fusion) whose image branch starts the model, or ImageNet weights in torchvision's AlexNet layout (``alexnet-owt-7be5be79.pth``; needs ``conv_channels`` = [64, 192, 384, 256, 256] and ``lrn`` = false).",
+        path=True,
+    )
+    freeze_branches_epochs: int = setting(
+        0,
+        "Train only the head for this many epochs, then everything.",
+    )
 
     # --- the machine ---
-    workers: int = 4
-    """Data loader processes per training process."""
-    shuffle_buffer: int = 1000
-    """Samples held by each loader worker to shuffle the stream (0: no sample shuffle)."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """``auto``: the GPU when there is one."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """``auto``: bf16 autocast on GPU, fp32 on CPU."""
-    channels_last: bool = True
-    """Channels-last memory format for the image branch on GPU."""
-    gpu_decode: bool = False
-    """Decode JPEGs on the GPU with torchvision (needs torchvision and a CUDA device)."""
+    workers: int = setting(
+        4,
+        "Data loader processes per training process.",
+        shapes_output=False,
+    )
+    shuffle_buffer: int = setting(
+        1000,
+        "Samples held by each loader worker to shuffle the stream (0: no sample shuffle).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = setting(
+        "auto",
+        "``auto``: the GPU when there is one.",
+        shapes_output=False,
+    )
+    precision: Literal["auto", "fp32", "bf16"] = setting(
+        "auto",
+        "``auto``: bf16 autocast on GPU, fp32 on CPU.",
+        shapes_output=False,
+    )
+    channels_last: bool = setting(
+        True,
+        "Channels-last memory format for the image branch on GPU.",
+        shapes_output=False,
+    )
+    gpu_decode: bool = setting(
+        False,
+        "Decode JPEGs on the GPU with torchvision (needs torchvision and a CUDA device).",
+        shapes_output=False,
+    )
 
     def validate(self) -> None:
         _check(self.batch_size > 0, "train.batch_size", "must be positive")
@@ -456,6 +671,9 @@ class TrainConfig:
         _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", "must not be negative")
 
 
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
 @dataclass
 class Recipe:
     """A whole dataset recipe: one section per stage."""
@@ -469,13 +687,24 @@ class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
+        # The name becomes a folder name (``runs/NAME``): one plain component, no ``..``.
+        _check(
+            bool(_SAFE_NAME.match(self.name)),
+            "name",
+            f"{self.name!r} must be letters, digits, '.', '_' or '-', starting with a letter or"
+            " digit",
+        )
         for section in _sections(self):
             getattr(self, section).validate()
 
-    def override(self, values: Mapping[str, Any], base_dir: Path | None = None) -> Recipe:
+    def override(
+        self, values: Mapping[str, Any], base_dir: Path | None = None, *, validate: bool = True
+    ) -> Recipe:
         """A copy with ``{"section.key": value}`` applied; values are typed Python objects.
 
-        Relative paths are resolved against ``base_dir`` (default: the current directory).
+        Relative paths are resolved against ``base_dir`` (default: the current directory). With
+        ``validate=False`` the copy is not checked, so that several layers of overrides can be
+        applied before one check of the final recipe.
         """
         recipe = copy.deepcopy(self)
         base = Path.cwd() if base_dir is None else base_dir
@@ -483,40 +712,61 @@ class Recipe:
             section, key = _split_key(dotted)
             target = recipe if section is None else getattr(recipe, section)
             setattr(target, key, _coerce(target, key, value, dotted, base))
-        recipe.validate()
+        if validate:
+            recipe.validate()
         return recipe
 
-    def override_strings(self, assignments: list[str], base_dir: Path | None = None) -> Recipe:
-        """Apply ``section.key=value`` strings (``--set``), each parsed by the key's declared type."""
+    def override_strings(
+        self, assignments: Sequence[str], base_dir: Path | None = None, *, validate: bool = True
+    ) -> Recipe:
+        """Apply ``section.key=value`` strings, each parsed by the key's declared type."""
         values: dict[str, Any] = {}
         for assignment in assignments:
             dotted, sep, text = assignment.partition("=")
             if not sep:
-                raise ConfigError(f"--set {assignment!r}: expected section.key=value")
-            section, key = _split_key(dotted.strip())
-            target = self if section is None else getattr(self, section)
-            values[dotted.strip()] = _parse_string(_field_types(target)[key], text.strip(), dotted)
-        return self.override(values, base_dir)
+                raise ConfigError(f"{assignment!r}: expected section.key=value")
+            values[dotted.strip()] = parse_setting(dotted.strip(), text.strip())
+        return self.override(values, base_dir, validate=validate)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Load and validate a recipe file; relative paths in it are resolved against its folder."""
-    path = Path(path)
+def load_recipe(
+    path: str | Path | None = None, overrides: Sequence[str] = (), *, validate: bool = True
+) -> Recipe:
+    """A recipe file (or, without one, the built-in defaults) with ``section.key=value``
+    ``overrides`` applied in order, validated once at the end.
+
+    Relative paths in the file are resolved against its folder, those in overrides against the
+    current directory. An error found in the file alone names the file.
+    """
+    recipe = Recipe() if path is None else _read_recipe_file(Path(path), validate=not overrides)
+    if not overrides:
+        if validate:
+            recipe.validate()
+        return recipe
+    return recipe.override_strings(overrides, validate=validate)
+
+
+def _read_recipe_file(path: Path, *, validate: bool) -> Recipe:
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{path}: recipe not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not a recipe file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
-        return recipe_from_dict(data, base_dir=path.resolve().parent)
+        return recipe_from_dict(data, base_dir=path.resolve().parent, validate=validate)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def recipe_from_dict(data: Mapping[str, Any], base_dir: Path) -> Recipe:
-    """Build a validated recipe from nested TOML-like data; unknown keys are refused."""
+def recipe_from_dict(data: Mapping[str, Any], base_dir: Path, *, validate: bool = True) -> Recipe:
+    """Build a recipe from nested TOML-like data (validated unless asked not to); unknown keys
+    are refused."""
     recipe = Recipe()
     for key, value in data.items():
         if key in _sections(recipe):
@@ -532,7 +782,8 @@ def recipe_from_dict(data: Mapping[str, Any], base_dir: Path) -> Recipe:
             setattr(recipe, key, _coerce(recipe, key, value, key, base_dir))
         else:
             raise ConfigError(_unknown(key, recipe))
-    recipe.validate()
+    if validate:
+        recipe.validate()
     return recipe
 
 
@@ -549,6 +800,74 @@ def recipe_to_toml(recipe: Recipe) -> str:
 def write_recipe(recipe: Recipe, path: str | Path) -> None:
     """Write the resolved recipe beside a stage's output (atomically)."""
     atomic_write_text(path, recipe_to_toml(recipe))
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    """What a command-line flag needs to know about one setting."""
+
+    dotted: str
+    """``section.key``."""
+    type: Any
+    help: str
+    default: Any
+    choices: tuple[str, ...] | None
+    """The allowed values of a ``Literal`` setting (or of each item of a list of them)."""
+    is_list: bool
+    unit: str | None
+
+
+def describe(dotted: str) -> SettingInfo:
+    """The declared type, help, built-in default and choices of the setting ``section.key``."""
+    section, key = _split_key(dotted)
+    owner = Recipe() if section is None else getattr(Recipe(), section)
+    declared = _field_types(owner)[key]
+    spec = next(f for f in dataclasses.fields(owner) if f.name == key)
+    is_list = typing.get_origin(declared) is list
+    item = typing.get_args(declared)[0] if is_list else declared
+    choices = typing.get_args(item) if typing.get_origin(item) is Literal else None
+    return SettingInfo(
+        dotted=dotted,
+        type=declared,
+        help=spec.metadata.get("help", ""),
+        default=getattr(owner, key),
+        choices=tuple(choices) if choices else None,
+        is_list=is_list,
+        unit=spec.metadata.get("unit"),
+    )
+
+
+def output_settings(section: Any) -> dict[str, Any]:
+    """The settings of a recipe section (e.g. ``recipe.shard``) that shape what its stage
+    writes: every setting but those declared with ``shapes_output = False``."""
+    return {
+        f.name: getattr(section, f.name)
+        for f in dataclasses.fields(section)
+        if f.metadata.get("shapes_output", True)
+    }
+
+
+def parse_setting(dotted: str, text: str) -> Any:
+    """Command-line text for the setting ``section.key``, parsed by its declared type (never by
+    guessing from the text): ``5``, ``0.2``, ``true``, ``title,description``, ``500MB``."""
+    info = describe(dotted)
+    if info.unit == "bytes":
+        return _parse_bytes(text, dotted)
+    return _parse_string(info.type, text, dotted)
+
+
+def _parse_bytes(text: str, dotted: str) -> int:
+    """A size in bytes, with an optional decimal suffix: 500000000, 500MB, 1.5G, 64k."""
+    units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    number = text.strip().upper().removesuffix("B")
+    unit = number[-1:] if number[-1:] in units else ""
+    try:
+        value = float(number.removesuffix(unit)) * units[unit]
+    except ValueError:
+        raise ConfigError(f"{dotted}: cannot read {text!r} as a size in bytes") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{dotted}: cannot read {text!r} as a size in bytes")
+    return int(value)
 
 
 # --- typing machinery -----------------------------------------------------------------------

@@ -15,3 +15,16 @@ class ConfigError(VsoError):
 
 class ManifestError(VsoError):
     """An ANP manifest or an ANP release file cannot be read."""
+
+
+class ExistingOutput(VsoError):
+    """An output location already holds something that this call must not overwrite.
+
+    ``remedies`` say what the caller can do instead, in the library's terms: ``"resume"`` (carry
+    on with what is there), ``"replace"`` (delete it and write anew) or ``"elsewhere"`` (write to
+    another location). The command line turns each into the flag that does it.
+    """
+
+    def __init__(self, message: str, *remedies: str) -> None:
+        super().__init__(message)
+        self.remedies = remedies

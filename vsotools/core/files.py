@@ -1,15 +1,25 @@
-"""Crash-safe writes: a file appears under its final name complete, or not at all."""
+"""Files: crash-safe writes, checksums, and one writer per output folder.
+
+A file written through ``atomic_open`` appears under its final name complete, or not at all;
+``file_sha256`` and ``HashingStream`` are the one way vsotools checksums files and streams;
+``folder_lock`` keeps a second process from writing an output folder that one is writing.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
+import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from vsotools.core.errors import VsoError
 
 
 @contextlib.contextmanager
@@ -57,3 +67,142 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented UTF-8 JSON, atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+# --- checksums ------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (a file of any size in flat memory)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def json_sha256(obj: Any) -> str:
+    """Hex sha256 of ``obj`` as canonical JSON (sorted keys): the fingerprint of settings."""
+    canonical = json.dumps(obj, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class HashingStream:
+    """A file-like view of ``raw`` that hashes and counts every byte read from or written to it."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        self.raw.write(data)
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return data
+
+    def read_to_end(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def tell(self) -> int:
+        return self.bytes
+
+    def hexdigest(self) -> str:
+        return self.sha256.hexdigest()
+
+
+# --- one writer per output folder -------------------------------------------------------------
+
+LOCK_NAME = ".vsotools.lock"
+
+
+class FolderBusy(VsoError):
+    """Another process is writing the same output folder."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold ``FOLDER/.vsotools.lock`` while writing ``folder``; refuse a second writer at once.
+
+    The lock is the operating system's advisory lock (``flock``) on that file, so it goes with
+    the process that holds it: a killed writer never leaves it stuck, and the file itself may
+    stay. The holder's process id is written into it, for the message a second writer gets.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
+            raise FolderBusy(
+                f"{folder}: {what} is being written by process {holder}; wait for it to finish"
+                " (or stop it), then run again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+# --- reading input files that may be anything -------------------------------------------------
+
+
+class UnsafeFile(VsoError):
+    """A file an input names cannot be read safely; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+NOT_A_FILE = "not_a_file"
+TOO_LARGE = "too_large"
+OUTSIDE_ROOT = "outside_root"
+
+
+def contained_path(root: str | Path, name: str) -> Path:
+    """``root / name``, refused when the name leads out of ``root``: an input file must not reach
+    files elsewhere on the disk through an absolute path or ``..``. (A symbolic link inside
+    ``root`` is followed: whoever put it there chose where it leads.)"""
+    base = Path(os.path.abspath(root))
+    path = Path(os.path.normpath(base / name))
+    if not path.is_relative_to(base):
+        raise UnsafeFile(OUTSIDE_ROOT, f"{name} is outside {base}")
+    return path
+
+
+def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``, never reading more than that.
+
+    A FIFO, a device (``/dev/zero``), a folder or a socket is refused without reading from it
+    (opened non-blocking, so a FIFO without a writer cannot hang the caller); so is a file that
+    is, or grows, larger than ``max_bytes``. Raises FileNotFoundError, OSError or UnsafeFile.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFile(NOT_A_FILE, f"{path} is not a regular file")
+        if info.st_size > max_bytes:
+            raise UnsafeFile(TOO_LARGE, f"{path} has {info.st_size:,} bytes > {max_bytes:,}")
+        chunks, size = [], 0
+        while chunk := os.read(fd, min(1 << 20, max_bytes + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise UnsafeFile(TOO_LARGE, f"{path} has more than {max_bytes:,} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

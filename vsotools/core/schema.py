@@ -84,6 +84,17 @@ PHOTO_SCHEMA: Final = pa.schema(
 )
 
 
+PHOTO_OUTCOME_FIELDS: Final = tuple(PHOTO_SCHEMA.names[PHOTO_SCHEMA.names.index("image_path") :])
+"""The fields that fetching the image fills in: ``image_path`` to ``height``."""
+PHOTO_SOURCE_FIELDS: Final = tuple(
+    name
+    for name in PHOTO_SCHEMA.names
+    if name not in ("photo_id", "anps") and name not in PHOTO_OUTCOME_FIELDS
+)
+"""The fields that the photo's source gives (a search result or a pairs row): ``source`` to
+``image_url`` but ``anps``, which fetch gathers from every search that found the photo."""
+
+
 class PhotoRecord(TypedDict):
     """One photo as ``fetch`` records it; see ``PHOTO_SCHEMA`` for each field's meaning."""
 
