@@ -30,9 +30,9 @@ HTML = "text/html"
 
 
 @contextlib.contextmanager
-def replay(answers: list[tuple[int, str, bytes]]) -> Iterator[tuple[str, list[bytes]]]:
-    """A server answering each request with the next (status, content type, body); yields its
-    URL and the request bodies it received."""
+def replay(answers: list[tuple]) -> Iterator[tuple[str, list[bytes]]]:
+    """A server answering each request with the next (status, content type, body[, headers]);
+    yields its URL and the request bodies it received."""
     received: list[bytes] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -40,8 +40,10 @@ def replay(answers: list[tuple[int, str, bytes]]) -> Iterator[tuple[str, list[by
 
         def do_POST(self) -> None:
             received.append(self.rfile.read(int(self.headers["Content-Length"])))
-            status, content_type, body = answers[min(len(received), len(answers)) - 1]
+            status, content_type, body, *extra = answers[min(len(received), len(answers)) - 1]
             self.send_response(status)
+            for name, value in (extra[0] if extra else {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -187,3 +189,24 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap():
         delay = backoff_delay(attempt, 1.0, 30.0)
         ceiling = min(30.0, 2.0**attempt)
         assert ceiling / 2 <= delay <= ceiling
+
+
+def test_a_429_with_retry_after_waits_as_long_as_the_server_asks(shared_data):
+    """The API client follows the same retry policy as the image downloader: at least the
+    server's Retry-After, never more than backoff_max."""
+    body = flickr_file(shared_data, "openverse/flickr_example_pretty.json")
+    waits: list[float] = []
+    answers = [(429, HTML, b"<html>slow down</html>", {"Retry-After": "3"}), (200, JSON, body, {})]
+    with replay(answers) as (url, received):
+        api = FlickrClient(
+            Credentials(KEY, "secret"),
+            api_url=url,
+            calls_per_hour=10**9,
+            retries=2,
+            backoff_base=0.001,
+            backoff_max=5.0,
+            sleep=waits.append,
+        )
+        page = api.search({"text": "happy dog"})
+    assert len(received) == 2 and page.photos
+    assert waits == [3.0]

@@ -1,7 +1,9 @@
-"""Rate limiting and retry delays: a token bucket for API quotas and exponential backoff with jitter."""
+"""Rate limiting and retry delays: a token bucket for API quotas, and one retry policy
+(exponential backoff with jitter, lengthened to what a server's Retry-After asks)."""
 
 from __future__ import annotations
 
+import email.utils
 import random
 import threading
 import time
@@ -61,3 +63,38 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | No
     """
     ceiling = min(cap, base * (2.0**attempt))
     return (rng or random).uniform(ceiling / 2.0, ceiling)
+
+
+def retry_delay(
+    attempt: int,
+    base: float,
+    cap: float,
+    retry_after: float | None = None,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds to wait before retry number ``attempt``: the backoff delay, or the server's
+    ``Retry-After`` when that asks for longer (never more than ``cap``).
+
+    The one retry policy of vsotools: the Flickr client and the image downloader both wait this.
+    """
+    delay = backoff_delay(attempt, base, cap, rng)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, cap))
+    return delay
+
+
+def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
+    """An HTTP ``Retry-After`` header as seconds from now: delay seconds or an HTTP date;
+    None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - now())

@@ -2,7 +2,8 @@
 
 ``FlickrClient.search`` makes one ``flickr.photos.search`` call and returns a ``SearchPage``.
 Every call first takes a token from the bucket (``calls_per_hour`` per key). Transient failures
-are retried with exponential backoff and jitter: HTTP 429 (Flickr answers it with an HTML body,
+are retried with exponential backoff and jitter, waiting longer when the server's
+``Retry-After`` asks (``ratelimit.retry_delay``, the image downloader's policy too): HTTP 429 (Flickr answers it with an HTML body,
 which flickrapi turns into ``FlickrError`` with ``code=None`` and the status in its message),
 HTTP 5xx, timeouts, connection resets, unreadable bodies, and the API codes 10, 105 and 201.
 Code 100 (invalid key) stops the crawl with ``FlickrAuthError``; other API codes with
@@ -27,7 +28,7 @@ import flickrapi
 import requests
 
 from vsotools.core.errors import VsoError
-from vsotools.core.ratelimit import TokenBucket, backoff_delay
+from vsotools.core.ratelimit import TokenBucket, parse_retry_after, retry_delay
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,10 @@ def load_credentials(
             raise FlickrAuthError(
                 f"{path}: cannot read the credentials file ({exc.strerror})"
             ) from None
+        except UnicodeDecodeError as exc:
+            raise FlickrAuthError(
+                f"{path}: the credentials file is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
         for lineno, line in enumerate(lines, start=1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -98,8 +103,8 @@ def load_credentials(
     key = values.get(KEY_VARIABLE, "")
     if not key:
         raise FlickrAuthError(
-            f"no Flickr API key in {source}: set {KEY_VARIABLE} (and {SECRET_VARIABLE}) or pass"
-            " --credentials FILE"
+            f"no Flickr API key in {source}: set {KEY_VARIABLE} (and {SECRET_VARIABLE}) or"
+            " give a credentials file"
         )
     return Credentials(key=key, secret=values.get(SECRET_VARIABLE, ""))
 
@@ -158,6 +163,12 @@ class FlickrClient:
         )
         # flickrapi reads the endpoint from this attribute on every call (FlickrAPI._flickr_call).
         self._api.REST_URL = api_url
+        # flickrapi's HTTP session is shared by every FlickrAPI object (a class attribute) and
+        # drops a failed response's headers; our own session lets us read Retry-After.
+        self._retry_after: float | None = None
+        session = requests.Session()
+        session.hooks["response"].append(self._note_retry_after)
+        self._api.flickr_oauth.session = session
         self.api_url = api_url
         self._bucket = TokenBucket.per_hour(calls_per_hour, burst)
         self._retries = retries
@@ -179,10 +190,14 @@ class FlickrClient:
                 f"unreadable flickr.photos.search response from {self.api_url}: {exc!r}"
             ) from None
 
+    def _note_retry_after(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        self._retry_after = parse_retry_after(response.headers.get("Retry-After"))
+
     def _call(self, method: str, params: Mapping[str, str]) -> Any:
         for attempt in range(self._retries + 1):
             self._bucket.acquire()
             self.calls += 1
+            self._retry_after = None
             try:
                 return self._api.do_flickr_call(method, **params)
             except flickrapi.FlickrError as exc:
@@ -198,7 +213,7 @@ class FlickrClient:
                     f"{method} failed {attempt + 1} times, last: {reason}; rerun the same command"
                     " later to continue"
                 )
-            delay = backoff_delay(attempt, *self._backoff)
+            delay = retry_delay(attempt, *self._backoff, retry_after=self._retry_after)
             log.info("%s: %s; retrying in %.1fs", method, reason, delay)
             self.retried += 1
             self._sleep(delay)
