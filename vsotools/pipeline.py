@@ -1,30 +1,33 @@
-"""vsotools run: a recipe end to end, fetch -> filter -> shard -> train -> evaluate -> report.
+"""``vsotools run``: a recipe end to end, fetch -> filter -> shard -> train -> evaluate -> report.
 
 The stages talk only through the files they leave in the work folder::
 
-    WORK/data/            fetch's photo records and images, then filter's filtered.parquet
-    WORK/shards/          the WebDataset shard set
-    WORK/train-MODEL/     one training run per model (fusion, text, image)
+    WORK/data/            the dataset folder (vsotools.dataset.folder)
+    WORK/shards/          the shard set (vsotools.shards.format)
+    WORK/train-MODEL/     one training folder per model (vsotools.training.folder)
     WORK/report.html      the results table, training curves and dataset plots
 
-Each stage is skipped when its complete output for the same settings is already there, and
-resumes when an interrupted output is, so rerunning the same command after a crash continues
-where it stopped. ``[run]`` in the recipe names the models to train on the same shards, their
-own training overrides, and whether the fusion model starts from the trained branches.
+Whether a stage's output is complete and current is decided one way, by the contract of that
+output: a fingerprint of the inputs and settings it was made from, kept beside it. So a stage
+runs again exactly when something it reads changed (a pairs file edited in place, images that
+``fetch --retry-failed`` brought, another filter setting), and a rerun after a crash continues
+where it stopped. The shard set in the work folder is the pipeline's own and is rewritten when
+its input changed; a finished training whose inputs changed is refused, not deleted.
+``[run]`` in the recipe names the models to train on the same shards, their own training
+overrides, and whether the fusion model starts from the trained branches.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vsotools.core.config import Recipe, load_recipe
-from vsotools.core.errors import ConfigError, VsoError
+from vsotools.core.config import Recipe
+from vsotools.core.errors import ConfigError, ExistingOutput, VsoError
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +52,23 @@ class PipelineReport:
     workdir: Path
     stages: list[StageOutcome] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
-    """Model name -> its test metrics (``vsotools.metrics.Metrics``), from ``evaluate``."""
+    """Model name -> its test metrics (``vsotools.core.metrics.Metrics``), from ``evaluate``."""
     report: Path | None = None
     seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "workdir": str(self.workdir),
+            "stages": [vars(s) for s in self.stages],
+            "results": {model: m.to_json() for model, m in self.results.items()},
+            "report": str(self.report) if self.report else None,
+            "seconds": self.seconds,
+        }
+
+
+def default_workdir(recipe: Recipe) -> Path:
+    """``runs/NAME``: where ``vsotools run`` works unless told otherwise."""
+    return Path("runs") / recipe.name
 
 
 def run_recipe(
@@ -64,7 +81,7 @@ def run_recipe(
 ) -> PipelineReport:
     """Run every stage of ``recipe`` in ``workdir``; see the module doc.
 
-    ``credentials`` (``vsotools.flickr.client.Credentials``) are needed when the recipe crawls
+    ``credentials`` (``vsotools.fetch.client.Credentials``) are needed when the recipe crawls
     Flickr, not when it reads a pairs file (``fetch.pairs``). ``on_stage`` is called as each
     stage ends, for a caller that shows progress.
     """
@@ -74,7 +91,6 @@ def run_recipe(
     from vsotools.shards.format import read_manifest
     from vsotools.shards.stage import write_shards
     from vsotools.training.evaluate import evaluate
-    from vsotools.training.train import train
 
     started = time.monotonic()
     workdir = Path(workdir)
@@ -88,50 +104,29 @@ def run_recipe(
             on_stage(outcome.stages[-1])
 
     runs = {model: workdir / f"train-{model}" for model in _training_order(recipe)}
-    model_recipes = {model: _model_recipe(recipe, model, runs) for model in runs}
 
-    # The API's address may change between runs (a local server's port) without changing
-    # what the crawl finds.
-    if (data / "fetch-report.json").is_file() and _same_sections(
-        data / "fetch-recipe.toml", recipe, ("anps", "fetch"), ignore=("api_url",)
-    ):
-        done("fetch", False, f"{data} is complete")
+    fetched = fetch(recipe, data, credentials=credentials, progress=progress)
+    if fetched.already_complete:
+        done("fetch", False, f"{data} is complete and current")
     else:
-        report = fetch(recipe, data, credentials=credentials, progress=progress)
-        done("fetch", True, f"{report.downloaded:,} images, {report.failed:,} failed")
+        done("fetch", True, f"{fetched.downloaded:,} images, {fetched.failed:,} failed")
 
-    if (data / "filter-report.json").is_file() and _same_sections(
-        data / "filter-recipe.toml", recipe, ("anps", "filter")
-    ):
+    filtered = filter_dataset(data, recipe, progress=progress)
+    if filtered.already_complete:
         done("filter", False, f"{data / 'filtered.parquet'} is up to date")
     else:
-        report = filter_dataset(data, recipe, progress=progress)
-        done("filter", True, f"{report.kept:,} of {report.input:,} photos kept")
+        done("filter", True, f"{filtered.kept:,} of {filtered.input:,} photos kept")
 
-    shard_report = write_shards(recipe, data, shards, progress=progress)
+    shard_report = _write_shards(write_shards, recipe, data, shards, progress)
     samples = sum(s.samples for s in shard_report.splits.values())
     if shard_report.already_complete:
-        done("shard", False, f"{shards} is complete")
+        done("shard", False, f"{shards} is complete and current")
     else:
         done("shard", True, f"{shard_report.written} shards, {samples:,} samples")
 
-    for model, run_dir in runs.items():
-        model_recipe = model_recipes[model]
-        if (run_dir / "metrics.json").is_file():
-            if not _same_sections(run_dir / "recipe.toml", model_recipe, ("train",)):
-                raise PipelineError(
-                    f"{run_dir} holds a finished {model} run with other training settings;"
-                    " remove it or choose another work folder"
-                )
-            done(f"train {model}", False, f"{run_dir} is finished")
-            continue
-        resume = (run_dir / "last.pt").is_file()
-        result = train(model_recipe, shards, run_dir, resume=resume, progress=progress)
-        done(
-            f"train {model}",
-            True,
-            f"{result.epochs} epochs, selected epoch {result.selected_epoch}",
-        )
+    for model in runs:
+        ran, detail = _train_model(recipe, model, runs, shards, progress)
+        done(f"train {model}", ran, detail)
 
     for model, run_dir in runs.items():
         evaluation = evaluate(run_dir / "checkpoint.pt", shards, split="test", progress=progress)
@@ -149,6 +144,43 @@ def run_recipe(
     done("report", True, str(outcome.report))
     outcome.seconds = round(time.monotonic() - started, 1)
     return outcome
+
+
+def _write_shards(write_shards, recipe: Recipe, data: Path, shards: Path, progress: bool):
+    """The work folder's shard set, rewritten when the data or shard settings changed: the set
+    is the pipeline's own, derived from the data beside it."""
+    try:
+        return write_shards(recipe, data, shards, progress=progress)
+    except ExistingOutput as exc:
+        log.warning("%s: writing it again", exc)
+        return write_shards(recipe, data, shards, overwrite=True, progress=progress)
+
+
+def _train_model(
+    recipe: Recipe, model: str, runs: dict[str, Path], shards: Path, progress: bool
+) -> tuple[bool, str]:
+    """Train ``model`` unless its training folder already holds it, finished and current;
+    returns whether it trained, and what happened."""
+    from vsotools.shards.format import read_manifest
+    from vsotools.training.folder import TrainingFolder, training_fingerprint
+    from vsotools.training.train import train
+
+    model_recipe = _model_recipe(recipe, model, runs)
+    folder = TrainingFolder(runs[model])
+    fingerprint = training_fingerprint(model_recipe, read_manifest(str(shards)).fingerprint)
+    status = folder.status(model_recipe, fingerprint)
+    if status == "finished":
+        return False, f"{folder} is finished and current"
+    if status == "stale":
+        raise PipelineError(
+            f"{folder} holds a finished {model} training made from other settings, shards or"
+            " branches than this run's; remove that folder to train it again, or choose another"
+            " work folder"
+        )
+    result = train(
+        model_recipe, shards, folder.root, resume=status == "unfinished", progress=progress
+    )
+    return True, f"{result.epochs} epochs, selected epoch {result.selected_epoch}"
 
 
 def results_table(results: dict[str, Any]) -> str:
@@ -195,21 +227,3 @@ def _model_recipe(recipe: Recipe, model: str, runs: dict[str, Path]) -> Recipe:
             }
         )
     return model_recipe
-
-
-def _same_sections(
-    saved: Path, recipe: Recipe, sections: Sequence[str], ignore: Sequence[str] = ()
-) -> bool:
-    """Whether the recipe a stage saved beside its output has these sections equal to ours."""
-    if not saved.is_file():
-        return False
-    try:
-        previous = load_recipe(saved)
-    except ConfigError:
-        return False
-
-    def settings(r: Recipe, section: str) -> dict[str, Any]:
-        values = dataclasses.asdict(getattr(r, section))
-        return {k: v for k, v in values.items() if k not in ignore}
-
-    return all(settings(previous, s) == settings(recipe, s) for s in sections)

@@ -1,7 +1,7 @@
 """report.html: a static page of a run's results, with plots where people would rather look than read.
 
-``write_report`` gathers what the stages left behind (each training run's ``metrics.json`` and
-``metrics.jsonl``, the filter report and ``filtered.parquet`` of the dataset, the shard manifest)
+``write_report`` gathers what the stages left behind (each training folder's epochs and final
+metrics, the filter report and filtered records of the dataset folder, the shard manifest)
 into one HTML page that opens offline: the results as the paper's Table 1, per model the loss and
 accuracy per epoch and the confusion matrix, and for the dataset the label balance per split, the
 word-count histogram with the word bounds marked, and the photos per ANP.
@@ -13,7 +13,6 @@ written to a folder beside the page; without matplotlib the page has the same co
 from __future__ import annotations
 
 import html
-import json
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -21,8 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vsotools.core.config import load_recipe
 from vsotools.core.files import atomic_write_text
 from vsotools.core.schema import LABEL_NAMES, SPLITS
+from vsotools.dataset.folder import DatasetFolder
+from vsotools.training.folder import TrainingFolder
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +51,15 @@ def dataset_facts(
         facts.labels_per_split = {s: dict(c) for s, c in shards_labels.items()}
     if data_dir is None:
         return facts
-    report_path = data_dir / "filter-report.json"
-    if report_path.is_file():
-        report = json.loads(report_path.read_text())
+    folder = DatasetFolder(data_dir)
+    report = folder.read_report("filter")
+    if report is not None:
         facts.labels_per_split = facts.labels_per_split or report.get("splits", {})
         facts.words_histogram = {int(k): v for k, v in report.get("words_histogram", {}).items()}
-    recipe_path = data_dir / "filter-recipe.toml"
-    if recipe_path.is_file():
-        from vsotools.core.config import load_recipe
-
-        cfg = load_recipe(recipe_path).filter
+    if folder.recipe_file("filter").is_file():
+        cfg = load_recipe(folder.recipe_file("filter")).filter
         facts.word_bounds = (cfg.min_words, cfg.max_words)
-    filtered = data_dir / "filtered.parquet"
+    filtered = folder.filtered
     if filtered.is_file():
         import pyarrow.parquet as pq
 
@@ -117,15 +116,8 @@ def write_report(
 
 
 def _read_run(path: Path) -> dict[str, Any]:
-    final = path / "metrics.json"
-    lines = path / "metrics.jsonl"
-    return {
-        "path": path,
-        "final": json.loads(final.read_text()) if final.is_file() else None,
-        "epochs": [json.loads(line) for line in lines.read_text().splitlines() if line.strip()]
-        if lines.is_file()
-        else [],
-    }
+    folder = TrainingFolder(path)
+    return {"path": path, "final": folder.read_final(), "epochs": folder.read_epochs()}
 
 
 # --- sections -------------------------------------------------------------------------------

@@ -39,16 +39,12 @@ from tqdm import tqdm
 
 from vsotools.core import schema
 from vsotools.core.anps import anp_scores, label_for_score, read_manifest
-from vsotools.core.config import Recipe, write_recipe
+from vsotools.core.config import Recipe
 from vsotools.core.errors import VsoError
-from vsotools.core.files import atomic_write_json
 from vsotools.core.text import clean_text, count_words
+from vsotools.dataset.folder import DatasetFolder
 
 log = logging.getLogger(__name__)
-
-FILTERED_NAME = "filtered.parquet"
-REPORT_NAME = "filter-report.json"
-RECIPE_NAME = "filter-recipe.toml"
 
 # Why a record is dropped, in rule order; the keys of the report's "dropped" table.
 NOT_FETCHED = "not_fetched"
@@ -70,21 +66,6 @@ DROP_REASONS = (
     DUPLICATE_OWNER_TEXT,
 )
 
-_INPUT_COLUMNS = [
-    "photo_id",
-    "source",
-    "anps",
-    "label",
-    "title",
-    "description",
-    "tags",
-    "owner",
-    "license",
-    "image_url",
-    "image_path",
-    "status",
-    "sha256",
-]
 _BATCH_ROWS = 20_000
 _PARALLEL_MIN_TEXTS = 5_000
 
@@ -110,9 +91,18 @@ class FilterReport:
     words_histogram: dict[str, int] = field(default_factory=dict)
     """Words per text -> fetched photos with that many (before the word rule), for plots."""
     seconds: float = 0.0
+    already_complete: bool = False
+    """``filtered.parquet`` was already made from the same records and settings: nothing done."""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        del data["already_complete"]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FilterReport:
+        known = {f for f in cls.__dataclass_fields__ if f != "already_complete"}
+        return cls(**{k: v for k, v in data.items() if k in known}, already_complete=True)
 
 
 # --- the rules, on single records and on plain lists ----------------------------------------
@@ -174,20 +164,35 @@ def _key64(text: str) -> int:
 
 
 def filter_dataset(data_dir: str | Path, recipe: Recipe, *, progress: bool = False) -> FilterReport:
-    """Apply the recipe's rules to ``DATA/metadata`` and write ``DATA/filtered.parquet``.
+    """Apply the recipe's rules to the photo records of ``DATA`` and write its
+    ``filtered.parquet``, then ``filter-report.json`` (last) and the recipe.
 
-    Also writes ``DATA/filter-report.json`` (last) and ``DATA/filter-recipe.toml``. An existing
-    output is replaced only once the new one is complete.
+    An existing output is replaced only once the new one is complete; one already made from the
+    same records, manifest and settings is left as it is (``already_complete``).
     """
+    folder = DatasetFolder(data_dir)
+    dataset = _open_metadata(folder)
+    fingerprint = folder.filter_fingerprint(recipe)
+    with folder.lock():
+        if folder.is_current("filter", fingerprint):
+            saved = folder.read_report("filter")
+            assert saved is not None
+            return FilterReport.from_json(saved)
+        report = _filter(folder, dataset, recipe, progress)
+        folder.finish("filter", recipe, report.to_json(), fingerprint)
+    return report
+
+
+def _filter(
+    folder: DatasetFolder, dataset: ds.Dataset, recipe: Recipe, progress: bool
+) -> FilterReport:
     started = time.monotonic()
-    data_dir = Path(data_dir)
     cfg = recipe.filter
-    dataset = _open_metadata(data_dir)
     scores = _manifest_scores(recipe, dataset)
     report = FilterReport()
     unknown: set[str] = set()
 
-    work = data_dir / ".filter-work"
+    work = folder.root / ".filter-work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
@@ -202,8 +207,8 @@ def filter_dataset(data_dir: str | Path, recipe: Recipe, *, progress: bool = Fal
             ) as bar,
             _word_counter(cfg.workers) as counter,
         ):
-            batches = _batches(dataset, _INPUT_COLUMNS)
-            for batch in batches:
+            # this generates a stream of pyarrow batches of photo records (schema.PHOTO_SCHEMA)
+            for batch in _batches(dataset):
                 rows = batch.to_pylist()
                 report.input += len(rows)
                 kept = _label_and_count(rows, recipe, scores, counter, report, unknown)
@@ -225,7 +230,7 @@ def filter_dataset(data_dir: str | Path, recipe: Recipe, *, progress: bool = Fal
         del sha_keys, text_keys
 
         # Pass 2: rule 5, written batch by batch to the final file.
-        _write_split(survivors, keep, data_dir / FILTERED_NAME, cfg, report, work)
+        _write_split(survivors, keep, folder.filtered, cfg, report, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -242,39 +247,38 @@ def filter_dataset(data_dir: str | Path, recipe: Recipe, *, progress: bool = Fal
             len(unknown),
             ", ".join(sorted(unknown)[:5]),
         )
-    write_recipe(recipe, data_dir / RECIPE_NAME)
-    atomic_write_json(data_dir / REPORT_NAME, report.to_json())
     return report
 
 
 _LABELLED_SCHEMA = pa.schema([f for f in schema.FILTERED_SCHEMA if f.name != "split"])
 
 
-def _open_metadata(data_dir: Path) -> ds.Dataset:
-    metadata = data_dir / "metadata"
-    if not metadata.is_dir():
-        raise FilterError(f"{metadata} not found: run `vsotools fetch --out {data_dir}` first")
-    files = sorted(str(p) for p in metadata.glob("*.parquet"))
+def _open_metadata(folder: DatasetFolder) -> ds.Dataset:
+    files = [str(p) for p in folder.metadata_files()]
     if not files:
-        raise FilterError(f"{metadata} holds no Parquet files: run `vsotools fetch` first")
+        raise FilterError(f"{folder}: no photo records in {folder.metadata_dir}; fetch them first")
     try:
         dataset = ds.dataset(files, format="parquet")
     except (pa.ArrowInvalid, OSError) as exc:
-        raise FilterError(f"{metadata}: cannot read the photo records ({exc})") from None
-    missing = [c for c in _INPUT_COLUMNS if c not in dataset.schema.names]
+        raise FilterError(f"{folder.metadata_dir}: cannot read the photo records ({exc})") from None
+    missing = [c for c in schema.PHOTO_SCHEMA.names if c not in dataset.schema.names]
     if missing:
-        raise FilterError(f"{metadata}: photo records lack the columns {', '.join(missing)}")
+        raise FilterError(
+            f"{folder.metadata_dir}: photo records lack the columns {', '.join(missing)}"
+        )
     return dataset
 
 
-def _batches(dataset: ds.Dataset, columns: list[str]) -> Iterator[pa.RecordBatch]:
+def _batches(dataset: ds.Dataset) -> Iterator[pa.RecordBatch]:
     """The dataset's rows in batches, one file at a time.
 
     Arrow's dataset scanner reads files ahead of the consumer, so its memory grows with the
     input; reading each file's row groups in turn keeps it flat.
     """
     for path in dataset.files:
-        yield from pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS, columns=columns)
+        yield from pq.ParquetFile(path).iter_batches(
+            batch_size=_BATCH_ROWS, columns=schema.PHOTO_SCHEMA.names
+        )
 
 
 def _manifest_scores(recipe: Recipe, dataset: ds.Dataset) -> dict[str, float]:
@@ -285,7 +289,7 @@ def _manifest_scores(recipe: Recipe, dataset: ds.Dataset) -> dict[str, float]:
     if crawled:
         raise FilterError(
             f"{crawled:,} photos were found by ANP search, and labelling them needs the ANP"
-            " manifest: give --manifest FILE or a recipe whose [anps] names one"
+            " manifest: a recipe whose anps.manifest names one"
         )
     return {}
 
@@ -376,7 +380,7 @@ def _write_split(
     report: FilterReport,
     work: Path,
 ) -> None:
-    partial = work / FILTERED_NAME
+    partial = work / out.name
     offset = 0
     with pq.ParquetWriter(partial, schema.FILTERED_SCHEMA) as writer:
         for batch in pq.ParquetFile(survivors).iter_batches(batch_size=_BATCH_ROWS):

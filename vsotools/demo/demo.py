@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 from vsotools.core.config import Recipe, load_recipe
@@ -26,12 +27,13 @@ DEMO_PORT = 8913
 DEMO_KEY = "demo-key-not-a-flickr-key"
 
 
-def demo_recipe(path: Path = DEMO_RECIPE) -> Recipe:
+def demo_recipe(overrides: Sequence[str] = (), path: Path = DEMO_RECIPE) -> Recipe:
+    """The demo recipe with ``section.key=value`` overrides applied."""
     if not path.is_file():
         raise VsoError(
             f"{path} not found: the demo runs from a checkout of the vsotools repository"
         )
-    return load_recipe(path)
+    return load_recipe(path, overrides)
 
 
 def run_demo(

@@ -2,16 +2,13 @@
 
 ``fetch(recipe, out)`` searches Flickr for each ANP that the recipe's labelling rule labels (all
 of them with ``fetch.all_anps``), records every photo found, and downloads and validates its image
-while the searches go on. ``fetch(recipe, out, pairs=FILE)`` ingests an image+text pairs file
-instead. Either way it leaves in ``out``:
-
-- ``metadata/part-NNNNN.parquet``: one photo record per photo (``schema.PHOTO_SCHEMA``);
-- ``images/NNNNN/<photo_id>.<ext>``: the validated images (see ``store`` for the layout);
-- ``fetch-recipe.toml``: the resolved recipe;
-- ``fetch-report.json``: the counts, written last.
+while the searches go on. With ``fetch.pairs`` set, it ingests that image+text pairs file
+instead. Either way it leaves in the dataset folder (``vsotools.dataset.folder``) the photo
+records, the validated images, the resolved recipe and, last, ``fetch-report.json``.
 
 Kill it at any moment and run the same command again: it continues where it stopped (see
-``store``). ``retry_failed`` fetches again the photos whose download failed.
+``store``); once finished, running it again with the same inputs does nothing.
+``retry_failed`` fetches again the photos whose download failed.
 """
 
 from __future__ import annotations
@@ -31,10 +28,11 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from vsotools.core.anps import Anp, label_for_score, read_manifest
-from vsotools.core.config import Recipe, write_recipe
+from vsotools.core.config import Recipe
 from vsotools.core.errors import ConfigError
-from vsotools.core.files import atomic_write_json
+from vsotools.core.files import file_sha256
 from vsotools.core.schema import SOURCE_FLICKR, SOURCE_PAIRS
+from vsotools.dataset.folder import DatasetFolder
 from vsotools.fetch.client import Credentials, FlickrClient, FoundPhoto
 from vsotools.fetch.download import Downloader, DownloadSettings, Outcome, read_local_image
 from vsotools.fetch.pairs import PairsError, read_pairs
@@ -43,8 +41,6 @@ from vsotools.fetch.store import PendingPhoto, StateError, Store
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "fetch-report.json"
-RECIPE_FILE = "fetch-recipe.toml"
 PAIRS_SHA256 = "pairs sha256"
 NO_IMAGE_URL = "no_image_url"
 """Failure reason of a photo that has none of the sizes asked for."""
@@ -69,45 +65,76 @@ class FetchReport:
     failed: int
     failed_by_reason: dict[str, int] = field(default_factory=dict)
     api_calls: int = 0
-    """API calls made by this run, retries included."""
+    """API calls made by the run that finished the folder, retries included."""
     seconds: float = 0.0
-    """Wall time of all runs that built the folder."""
+    """Wall time of the runs that worked on the folder until it was finished."""
     runs: int = 1
+    """Runs that worked on the folder, killed ones included."""
+    already_complete: bool = False
+    """The folder already held this fetch, finished from the same inputs: nothing was done."""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        del data["already_complete"]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FetchReport:
+        known = {f for f in cls.__dataclass_fields__ if f != "already_complete"}
+        return cls(**{k: v for k, v in data.items() if k in known}, already_complete=True)
 
 
 def fetch(
     recipe: Recipe,
     out: str | Path,
     *,
-    pairs: str | Path | None = None,
     credentials: Credentials | None = None,
     retry_failed: bool = False,
     progress: bool = False,
 ) -> FetchReport:
-    """Crawl Flickr for the recipe's ANPs (or ingest ``pairs``, by default the recipe's
-    ``fetch.pairs``) into ``out``; see the module doc.
+    """Crawl Flickr for the recipe's ANPs (or ingest its ``fetch.pairs`` file) into ``out``; see
+    the module doc.
 
-    ``credentials`` are needed for a crawl (``flickr.client.load_credentials``).
+    A folder that already holds this fetch, finished from the same inputs and settings, is left
+    as it is (``already_complete``), unless ``retry_failed``. ``credentials`` are needed for a
+    crawl (``fetch.client.load_credentials``).
     """
-    started = time.monotonic()
-    out = Path(out)
-    config = recipe.fetch
-    if pairs is None and config.pairs:
-        pairs = config.pairs
+    folder = DatasetFolder(out)
+    pairs = Path(recipe.fetch.pairs) if recipe.fetch.pairs else None
     if pairs is None and credentials is None:
         raise ConfigError("a crawl needs Flickr credentials (FLICKR_API_KEY)")
+    fingerprint = folder.fetch_fingerprint(recipe)
+    with folder.lock():
+        if not retry_failed and folder.is_current("fetch", fingerprint):
+            saved = folder.read_report("fetch")
+            assert saved is not None
+            log.debug("%s already holds this fetch; nothing to do", folder)
+            return FetchReport.from_json(saved)
+        report = _fetch(recipe, folder, pairs, credentials, retry_failed, progress)
+        folder.finish("fetch", recipe, report.to_json(), fingerprint)
+    return report
+
+
+def _fetch(
+    recipe: Recipe,
+    folder: DatasetFolder,
+    pairs: Path | None,
+    credentials: Credentials | None,
+    retry_failed: bool,
+    progress: bool,
+) -> FetchReport:
+    started = time.monotonic()
+    config = recipe.fetch
     anps = [] if pairs is not None else anps_to_search(recipe)
-    with Store(out, config.part_size) as store:
+    with Store(folder.root, config.part_size) as store:
         common = {"fetch.part_size": config.part_size, "fetch.max_side": config.max_side}
         if pairs is not None:
-            pairs = Path(pairs).resolve()
             store.pin({"source": SOURCE_PAIRS, "pairs": str(pairs), **common})
         else:
             store.pin({"source": SOURCE_FLICKR, **common, **_search_settings(recipe, anps)})
-        write_recipe(recipe, out / RECIPE_FILE)
+        # Counted at the start, so that a run killed midway counts too.
+        runs = int(store.meta("runs") or 0) + 1
+        store.set_meta("runs", str(runs))
         recovered = store.recover()
         if recovered:
             log.info("kept %d images saved by an interrupted run", recovered)
@@ -130,12 +157,10 @@ def fetch(
                 api_calls = _crawl(recipe, anps, store, credentials, workers, bars)
         store.write_parts()
         counts = store.counts()
-        runs = int(store.meta("runs") or 0) + 1
         seconds = float(store.meta("seconds") or 0.0) + time.monotonic() - started
-        store.set_meta("runs", str(runs))
         store.set_meta("seconds", f"{seconds:.3f}")
-    report = FetchReport(
-        out=str(out),
+    return FetchReport(
+        out=str(folder.root),
         source=SOURCE_PAIRS if pairs is not None else SOURCE_FLICKR,
         anps=len(anps),
         searches=counts.anps_done,
@@ -148,16 +173,13 @@ def fetch(
         seconds=round(seconds, 3),
         runs=runs,
     )
-    atomic_write_json(out / REPORT_FILE, report.to_json())
-    return report
 
 
 def anps_to_search(recipe: Recipe) -> list[Anp]:
     """The manifest's ANPs that the labelling rule labels (or all of them with ``all_anps``)."""
     if not recipe.anps.manifest:
         raise ConfigError(
-            "anps.manifest: a crawl needs an ANP manifest (--manifest or the recipe's"
-            " anps.manifest)"
+            "anps.manifest: a crawl needs an ANP manifest (the recipe's anps.manifest)"
         )
     entries = read_manifest(recipe.anps.manifest)
     if recipe.fetch.all_anps:
@@ -274,13 +296,13 @@ def _host(url: str) -> str:
 
 def _load_pairs(store: Store, path: Path) -> None:
     """Read the pairs file into the state once (one transaction: all rows or none)."""
-    digest = _file_sha256(path)
+    digest = _pairs_sha256(path)
     loaded = store.meta(PAIRS_SHA256)
     if loaded is not None:
         if loaded != digest:
             raise StateError(
                 f"{store.root} was built from {path} when its sha256 was {loaded[:16]}..., but the"
-                f" file has changed since (now {digest[:16]}...); use another --out"
+                f" file has changed since (now {digest[:16]}...); use another dataset folder"
             )
         return
     base = path.parent
@@ -297,18 +319,18 @@ def _load_pairs(store: Store, path: Path) -> None:
             yield pair.id, record, local
 
     added = store.add_pairs(rows(), meta={PAIRS_SHA256: digest})
+    if added == 0:
+        raise PairsError(f"{path}: holds no pairs")
     log.info("read %d pairs from %s", added, path)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _pairs_sha256(path: Path) -> str:
     try:
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        return file_sha256(path)
     except FileNotFoundError:
         raise PairsError(f"{path}: no such file") from None
-    return digest.hexdigest()
+    except OSError as exc:
+        raise PairsError(f"{path}: cannot read the pairs file ({exc.strerror})") from None
 
 
 # --- downloads and progress -----------------------------------------------------------------

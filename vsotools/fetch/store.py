@@ -37,14 +37,16 @@ import pyarrow.parquet as pq
 
 from vsotools.core.errors import VsoError
 from vsotools.core.files import atomic_open
-from vsotools.core.schema import PHOTO_SCHEMA, STATUS_FAILED, STATUS_OK, sample_key
+from vsotools.core.schema import (
+    PHOTO_SCHEMA,
+    PHOTO_SOURCE_FIELDS,
+    STATUS_FAILED,
+    STATUS_OK,
+    sample_key,
+)
+from vsotools.dataset.folder import IMAGES_DIR, INCOMING_DIR, DatasetFolder
 from vsotools.fetch.download import Outcome
 from vsotools.fetch.search import PageSummary
-
-STATE_FILE = "fetch-state.sqlite"
-METADATA_DIR = "metadata"
-IMAGES_DIR = "images"
-INCOMING_DIR = ".incoming"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -68,19 +70,6 @@ CREATE TABLE IF NOT EXISTS parts (part INTEGER PRIMARY KEY, dirty INTEGER NOT NU
 """
 _INCOMING_NAME = re.compile(
     r"^(?P<seq>\d+)\.(?P<sha>[0-9a-f]{64})\.(?P<bytes>\d+)\.(?P<w>\d+)x(?P<h>\d+)\.(?P<ext>\w+)$"
-)
-_RECORD_FIELDS = (
-    "source",
-    "label",
-    "title",
-    "description",
-    "tags",
-    "owner",
-    "owner_name",
-    "license",
-    "date_upload",
-    "date_taken",
-    "image_url",
 )
 
 
@@ -114,18 +103,20 @@ class Store:
 
     def __init__(self, root: str | Path, part_size: int) -> None:
         self.root = Path(root)
+        self.folder = DatasetFolder(root)
         self.part_size = part_size
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / INCOMING_DIR).mkdir(exist_ok=True)
-        self._db = sqlite3.connect(
-            self.root / STATE_FILE, isolation_level=None, check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # WAL with synchronous=NORMAL survives a killed process (not a power cut) at a fraction
-        # of the cost of an fsync per commit; a fetch commits once per image.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
         self._lock = threading.RLock()
+        with self._state_errors():
+            self._db = sqlite3.connect(
+                self.folder.state_file, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL with synchronous=NORMAL survives a killed process (not a power cut) at a
+            # fraction of the cost of an fsync per commit; a fetch commits once per image.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
         self._made_dirs: set[Path] = set()
         self._next_seq = self._scalar("SELECT COALESCE(MAX(seq) + 1, 0) FROM photos")
 
@@ -140,8 +131,16 @@ class Store:
         self.close()
 
     @contextlib.contextmanager
+    def _state_errors(self) -> Iterator[None]:
+        """SQLite's failures (a read-only folder, a full disk, a damaged file) as one line."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.folder.state_file}: {exc}") from None
+
+    @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._state_errors():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -400,7 +399,7 @@ class Store:
             parts = self._db.execute("SELECT part, dirty FROM parts ORDER BY part").fetchall()
         written = 0
         for part, dirty in parts:
-            path = self.part_file(part)
+            path = self.folder.metadata_part(part)
             if not dirty and path.exists():
                 continue
             table = pa.Table.from_pylist(self._part_records(part), schema=PHOTO_SCHEMA)
@@ -410,9 +409,6 @@ class Store:
                 db.execute("UPDATE parts SET dirty = 0 WHERE part = ?", (part,))
             written += 1
         return written
-
-    def part_file(self, part: int) -> Path:
-        return self.root / METADATA_DIR / f"part-{part:05d}.parquet"
 
     def _part_records(self, part: int) -> list[dict[str, Any]]:
         low, high = part * self.part_size, (part + 1) * self.part_size
@@ -478,7 +474,7 @@ class Store:
 
 
 def _record(fields: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: fields.get(key) for key in _RECORD_FIELDS}
+    return {key: fields.get(key) for key in PHOTO_SOURCE_FIELDS}
 
 
 def _params_key(params: Mapping[str, str]) -> str:
