@@ -36,20 +36,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from vsotools.core.errors import VsoError
-from vsotools.core.files import atomic_open, atomic_write_bytes
+from vsotools.core.files import atomic_open, atomic_write_bytes, json_sha256
+from vsotools.core.schema import SAMPLE_IMAGE, SAMPLE_KEY
 
 MANIFEST_NAME = "manifest.json"
+RECIPE_NAME = "recipe.toml"
+"""The resolved recipe the set was written with, beside the manifest."""
+PARTS_DIR = "_parts"
+"""Where a run keeps what it is writing (``job.json``) and one completion marker per shard."""
+JOB_NAME = f"{PARTS_DIR}/job.json"
 FORMAT = "vsotools-shards"
 VERSION = 1
 
@@ -59,6 +66,10 @@ INSTALL_HINT = {"s3": "pip install 'vsotools[s3]'"}
 
 class ShardSetError(VsoError):
     """A shard set or its manifest is missing or malformed, or its location cannot be used."""
+
+
+class ShardError(VsoError):
+    """The input cannot be sharded, or a shard cannot be read as the manifest says."""
 
 
 def shard_name(split: str, index: int) -> str:
@@ -113,6 +124,16 @@ class ShardManifest:
     """What the set was written from: ``fingerprint``, ``settings``, ``input``."""
     skipped: list[dict[str, Any]] = field(default_factory=list)
     """Photos left out: ``photo_id``, ``split``, ``image_path``, ``reason``."""
+
+    @property
+    def fingerprint(self) -> str:
+        """What the set was written from (its build fingerprint) or, for a set written by other
+        tools, a checksum of its shard list: two sets with one fingerprint hold the same data."""
+        built = self.build.get("fingerprint")
+        if isinstance(built, str) and built:
+            return built
+        splits = {split: [s.to_json() for s in shards] for split, shards in self.splits.items()}
+        return json_sha256(splits)
 
     def shards(self, split: str) -> list[ShardInfo]:
         try:
@@ -385,3 +406,161 @@ def _as_write_error(location: Location, name: str) -> Iterator[None]:
         raise
     except Exception as exc:  # a missing bucket is a FileNotFoundError here, not a missing file
         raise ShardSetError(f"cannot write {location.url_of(name)}: {exc}") from None
+
+
+# --- reading a shard: tar members, grouped into samples ------------------------------------------
+#
+# One reader for every consumer (the training loader, evaluation, ``vsotools verify``), so that
+# all of them read a shard the same way and agree on what a sample's key is.
+
+_BLOCK = 512
+
+Problem = Callable[[str, "str | None"], object]
+"""Called with a message and the sample key (or None) for what a reader finds odd in a shard."""
+
+
+def read_shard(
+    url: str, skip_images: bool = False, on_problem: Problem | None = None
+) -> Iterator[dict[str, Any]]:
+    """The raw samples of one tar shard (``{"__key__": ..., "__url__": url, "jpg": bytes, ...}``),
+    in order; ``skip_images`` leaves the JPEG members unread. Raises ``ShardError`` naming the
+    shard when it is missing or damaged."""
+    import fsspec
+
+    skip = {SAMPLE_IMAGE} if skip_images else set()
+    try:
+        with fsspec.open(url, "rb") as stream:
+            yield from group_members(tar_members(stream, skip, on_problem), url, on_problem)
+    except FileNotFoundError:
+        raise ShardError(f"{url}: shard not found (is the shard set complete?)") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise ShardError(f"{url}: cannot read the shard ({exc})") from None
+
+
+def tar_members(
+    stream: Any, skip_extensions: Set[str] = frozenset(), on_problem: Problem | None = None
+) -> Iterator[tuple[str, bytes | None]]:
+    """``(name, bytes)`` of each regular file of a tar stream, in order.
+
+    A small reader for the tars ``vsotools shard`` writes (webdataset's ``TarWriter``) and other
+    tools write: ustar headers with their checksum checked, pax ``path`` records and GNU long
+    names. It parses each header with a few slices instead of ``tarfile``'s general machinery,
+    which costs as much as decoding the JPEG (docs/performance.md). Members whose extension is
+    in ``skip_extensions`` are skipped over and given as ``None``; other entries (folders,
+    links) are skipped and reported. Raises ValueError or EOFError on a damaged stream.
+    """
+    long_name: str | None = None
+    while True:
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK or header == bytes(_BLOCK):
+            return
+        _check_header(header)
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        padded = size + (-size % _BLOCK)
+        if kind in (b"x", b"L"):
+            data = stream.read(padded)[:size]
+            long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode("utf-8")
+            continue
+        if kind not in (b"0", b"\0"):
+            if kind != b"g" and on_problem is not None:  # g: a global pax header, harmless
+                name = long_name or _ustar_name(header)
+                on_problem(f"unexpected tar member {name!r} (not a file)", None)
+            _skip(stream, padded)
+            long_name = None
+            continue
+        name = long_name or _ustar_name(header)
+        long_name = None
+        if name.rpartition(".")[2] in skip_extensions:
+            _skip(stream, padded)
+            yield name, None
+            continue
+        data = stream.read(padded)
+        if len(data) < padded:
+            raise EOFError(f"truncated tar member {name}")
+        yield name, data[:size]
+
+
+def group_members(
+    members: Iterable[tuple[str, bytes | None]], url: str, on_problem: Problem | None = None
+) -> Iterator[dict[str, Any]]:
+    """Consecutive members ``KEY.EXT`` gathered into samples ``{"__key__": KEY, EXT: bytes}``.
+
+    The key rule, as webdataset's: ``KEY`` is the member's path up to the first dot of its file
+    name, ``EXT`` the rest, lower-cased. A member with no extension, in a folder, or whose
+    extension repeats within a sample is reported (vsotools never writes one).
+    """
+    sample: dict[str, Any] | None = None
+    for name, data in members:
+        folder, _, base = name.rpartition("/")
+        stem, dot, extension = base.partition(".")
+        if on_problem is not None and folder:
+            on_problem(f"unexpected member path {name!r}", None)
+        if not dot:
+            if on_problem is not None:
+                on_problem(f"member {name!r} has no extension", None)
+            continue
+        key = f"{folder}/{stem}" if folder else stem
+        if sample is None or sample[SAMPLE_KEY] != key:
+            if sample is not None:
+                yield sample
+            sample = {SAMPLE_KEY: key, "__url__": url}
+        extension = extension.lower()
+        if on_problem is not None and extension in sample:
+            on_problem(f"member .{extension} appears twice", key)
+        if data is not None:
+            sample[extension] = data
+    if sample is not None:
+        yield sample
+
+
+def _check_header(header: bytes) -> None:
+    try:
+        stored = _octal(header[148:156])
+    except ValueError:
+        stored = -1
+    computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    if stored != computed:
+        raise ValueError("not a tar file, or a damaged one: bad header checksum")
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] == b"\x80":  # base-256, for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    digits = field.rstrip(b"\0 ").lstrip(b" ")
+    return int(digits, 8) if digits else 0
+
+
+def _ustar_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8")
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The ``path`` of a pax extended header (records ``"LEN key=value\\n"``), if any."""
+    position = 0
+    while position < len(records):
+        space = records.index(b" ", position)
+        length = int(records[position:space])
+        key, _, value = records[space + 1 : position + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8")
+        position += length
+    return None
+
+
+def _skip(stream, count: int) -> None:
+    if count == 0:
+        return
+    try:
+        stream.seek(count, io.SEEK_CUR)
+    except (OSError, io.UnsupportedOperation, AttributeError):
+        while count > 0:
+            chunk = stream.read(min(count, 1 << 20))
+            if not chunk:
+                raise EOFError("truncated tar member") from None
+            count -= len(chunk)

@@ -9,33 +9,40 @@ so train and test are disjoint, and no shard file that the manifest does not lis
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import multiprocessing
-import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
 
 from vsotools.core.errors import VsoError
+from vsotools.core.files import HashingStream
 from vsotools.core.schema import (
     LABEL_NAMES,
     SAMPLE_CLASS,
     SAMPLE_EXTENSIONS,
     SAMPLE_IMAGE,
+    SAMPLE_KEY,
     SAMPLE_META,
     SAMPLE_META_FIELDS,
     SAMPLE_TEXT,
     sample_key,
 )
-from vsotools.shards.format import Location, ShardInfo, is_shard_name, read_manifest
+from vsotools.shards.format import (
+    Location,
+    ShardInfo,
+    group_members,
+    is_shard_name,
+    read_manifest,
+    tar_members,
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,17 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "location": self.location,
+            "ok": self.ok,
+            "shards": self.shards,
+            "samples": self.samples,
+            "problems": [
+                {"shard": p.shard, "key": p.key, "message": p.message} for p in self.problems
+            ],
+        }
 
 
 def verify_shards(
@@ -133,17 +151,19 @@ def check_shard(
     readable = True
     try:
         with location.open_read(info.name) as raw:
-            reader = _HashingReader(raw)
+            reader = HashingStream(raw)
             try:
-                with tarfile.open(fileobj=reader, mode="r|") as tar:
-                    for key, members in _samples(tar, problem):
-                        if key in keys:
-                            problem("key appears twice in this shard", key)
-                        keys.append(key)
-                        label = check_sample(key, members, image_size, problem)
-                        if label is not None:
-                            labels[label] += 1
-            except (tarfile.TarError, EOFError) as exc:
+                members = tar_members(reader, on_problem=problem)
+                for sample in group_members(members, info.name, on_problem=problem):
+                    key = sample[SAMPLE_KEY]
+                    if key in keys:
+                        problem("key appears twice in this shard", key)
+                    keys.append(key)
+                    found = {k: v for k, v in sample.items() if not k.startswith("__")}
+                    label = check_sample(key, found, image_size, problem)
+                    if label is not None:
+                        labels[label] += 1
+            except (ValueError, EOFError) as exc:
                 problem(f"not a readable tar file ({exc})")
                 readable = False
             reader.read_to_end()
@@ -155,8 +175,8 @@ def check_shard(
         return ShardCheck(info.name, split, keys, problems)
     if reader.bytes != info.bytes:
         problem(f"{reader.bytes:,} bytes, the manifest says {info.bytes:,}")
-    if reader.sha256.hexdigest() != info.sha256:
-        problem(f"sha256 {reader.sha256.hexdigest()} differs from the manifest's {info.sha256}")
+    if reader.hexdigest() != info.sha256:
+        problem(f"sha256 {reader.hexdigest()} differs from the manifest's {info.sha256}")
     if not readable:
         return ShardCheck(info.name, split, keys, problems)
     if len(keys) != info.samples:
@@ -237,30 +257,6 @@ def _check_image(
         problem(f"image is {size[0]}x{size[1]}, shorter side not {image_size}", key)
 
 
-def _samples(
-    tar: tarfile.TarFile, problem: Callable[[str, str | None], None]
-) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each run of members sharing a key, as webdataset groups them."""
-    key, members = None, {}
-    for member in tar:
-        if not member.isfile():
-            problem(f"unexpected tar member {member.name!r} (not a file)", None)
-            continue
-        name_key, _, extension = member.name.partition(".")
-        if "/" in member.name:
-            problem(f"unexpected member path {member.name!r}", None)
-        if name_key != key:
-            if key is not None:
-                yield key, members
-            key, members = name_key, {}
-        if extension in members:
-            problem(f"member .{extension} appears twice", key)
-        handle = tar.extractfile(member)
-        members[extension] = handle.read() if handle else b""
-    if key is not None:
-        yield key, members
-
-
 def _duplicate_keys(checks: list[ShardCheck]) -> list[Problem]:
     first_seen: dict[str, ShardCheck] = {}
     problems = []
@@ -275,22 +271,3 @@ def _duplicate_keys(checks: list[ShardCheck]) -> list[Problem]:
                 message = f"also in {other.name}"
             problems.append(Problem(check.name, message, key))
     return problems
-
-
-class _HashingReader:
-    """A read-only file that hashes and counts what is read through it."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw = raw
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return data
-
-    def read_to_end(self) -> None:
-        while self.read(1 << 20):
-            pass

@@ -32,7 +32,7 @@ import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -43,10 +43,12 @@ from torch.utils.data import default_collate
 from vsotools.core import images as image_rules
 from vsotools.core import schema
 from vsotools.core.errors import VsoError
-from vsotools.training.vocab import PAD, Vocabulary
+from vsotools.shards.format import read_shard
+from vsotools.training.vocab import PAD
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+"""torchvision's ImageNet normalisation (on the 0..1 scale): the paper's image branch's input."""
 
 
 class LoaderError(VsoError):
@@ -59,6 +61,8 @@ class Shard:
     """Local path or fsspec URL of the tar file."""
     samples: int
     """Samples in the shard, from the manifest."""
+    labels: dict[str, int] | None = None
+    """Label name -> samples, from the manifest; None: not checked."""
 
 
 # --- which worker reads which shard ---------------------------------------------------------
@@ -128,144 +132,49 @@ def is_validation(key: str, seed: int, fraction: float) -> bool:
 # --- reading samples -----------------------------------------------------------------------
 
 
-def read_shard(url: str, skip_images: bool = False) -> Iterator[dict[str, Any]]:
-    """The raw samples of one tar shard (``{"__key__": ..., "jpg": bytes, ...}``), in order.
-
-    ``skip_images`` leaves the JPEG members unread (skipped over, not decoded or kept).
-    """
-    import fsspec
-
-    skip = {schema.SAMPLE_IMAGE} if skip_images else set()
-    try:
-        with fsspec.open(url, "rb") as stream:
-            yield from group_members(tar_members(stream, skip), url)
-    except FileNotFoundError:
-        raise LoaderError(f"{url}: shard not found (is the shard set complete?)") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise LoaderError(f"{url}: cannot read the shard ({exc})") from None
-
-
-_BLOCK = 512
-
-
-def tar_members(
-    stream, skip_extensions: set[str] = frozenset()
-) -> Iterator[tuple[str, bytes | None]]:
-    """``(name, bytes)`` of each regular file of a tar stream, in order.
-
-    A small reader for the tars ``vsotools shard`` (webdataset's TarWriter, Python's tarfile)
-    writes: ustar headers with their checksum checked, pax ``path`` records and GNU long names.
-    It parses each header with a few slices instead of ``tarfile``'s general machinery, which
-    costs as much as decoding the JPEG. Members whose extension is in ``skip_extensions`` are
-    skipped over and given as ``None``.
-    """
-    long_name: str | None = None
-    while True:
-        header = stream.read(_BLOCK)
-        if len(header) < _BLOCK or header == bytes(_BLOCK):
-            return
-        _check_header(header)
-        size = _octal(header[124:136])
-        kind = header[156:157]
-        padded = size + (-size % _BLOCK)
-        if kind in (b"x", b"L"):
-            data = stream.read(padded)[:size]
-            long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode("utf-8")
-            continue
-        if kind not in (b"0", b"\0"):
-            _skip(stream, padded)  # directories, links, global pax headers
-            long_name = None
-            continue
-        name = long_name or _ustar_name(header)
-        long_name = None
-        if name.rpartition(".")[2] in skip_extensions:
-            _skip(stream, padded)
-            yield name, None
-            continue
-        data = stream.read(padded)
-        if len(data) < padded:
-            raise EOFError(f"truncated tar member {name}")
-        yield name, data[:size]
-
-
-def group_members(
-    members: Iterable[tuple[str, bytes | None]], url: str
+def read_samples(
+    shards: Iterable[Shard], skip_images: bool = False, check: bool = True
 ) -> Iterator[dict[str, Any]]:
-    """Consecutive members ``KEY.EXT`` gathered into samples ``{"__key__": KEY, EXT: bytes}``
-    (``KEY`` ends at the first dot of the file name, as in webdataset)."""
-    sample: dict[str, Any] | None = None
-    for name, data in members:
-        folder, _, base = name.rpartition("/")
-        stem, dot, extension = base.partition(".")
-        if not dot:
-            continue
-        key = f"{folder}/{stem}" if folder else stem
-        if sample is None or sample[schema.SAMPLE_KEY] != key:
-            if sample is not None:
-                yield sample
-            sample = {schema.SAMPLE_KEY: key, "__url__": url}
-        if data is not None:
-            sample[extension.lower()] = data
-    if sample is not None:
-        yield sample
+    """The raw samples of several shards, in order.
 
-
-def _check_header(header: bytes) -> None:
-    try:
-        stored = _octal(header[148:156])
-    except ValueError:
-        stored = -1
-    computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
-    if stored != computed:
-        raise ValueError("not a tar file, or a damaged one: bad header checksum")
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] == b"\x80":  # base-256, for sizes of 8 GiB and more
-        return int.from_bytes(field[1:], "big")
-    digits = field.rstrip(b"\0 ").lstrip(b" ")
-    return int(digits, 8) if digits else 0
-
-
-def _ustar_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0]
-    if header[257:262] == b"ustar":
-        prefix = header[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix + b"/" + name
-    return name.decode("utf-8")
-
-
-def _pax_path(records: bytes) -> str | None:
-    """The ``path`` of a pax extended header (records ``"LEN key=value\\n"``), if any."""
-    position = 0
-    while position < len(records):
-        space = records.index(b" ", position)
-        length = int(records[position:space])
-        key, _, value = records[space + 1 : position + length - 1].partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8")
-        position += length
-    return None
-
-
-def _skip(stream, count: int) -> None:
-    if count == 0:
-        return
-    try:
-        stream.seek(count, io.SEEK_CUR)
-    except (OSError, io.UnsupportedOperation, AttributeError):
-        while count > 0:
-            chunk = stream.read(min(count, 1 << 20))
-            if not chunk:
-                raise EOFError("truncated tar member") from None
-            count -= len(chunk)
-
-
-def read_samples(shards: Iterable[Shard], skip_images: bool = False) -> Iterator[dict[str, Any]]:
-    """The raw samples of several shards, in order."""
+    With ``check``, each shard read to its end must have given the samples and labels its
+    manifest entry promises: a shard cut short (even at a sample boundary) or with a changed
+    class is refused with its name instead of being trained or scored on.
+    """
     for shard in shards:
-        yield from read_shard(shard.url, skip_images)
+        samples = read_shard(shard.url, skip_images)
+        yield from _checked(samples, shard) if check else samples
+
+
+def _checked(samples: Iterable[dict[str, Any]], shard: Shard) -> Iterator[dict[str, Any]]:
+    found = 0
+    labels: dict[str, int] = {}
+    for sample in samples:
+        found += 1
+        name = _label_name(sample)
+        labels[name] = labels.get(name, 0) + 1
+        yield sample
+    if found != shard.samples:
+        raise LoaderError(
+            f"{shard.url}: {found:,} samples, the manifest says {shard.samples:,}"
+            " (a damaged or replaced shard; vsotools verify tells more)"
+        )
+    if shard.labels is not None and labels != {k: v for k, v in shard.labels.items() if v}:
+        raise LoaderError(
+            f"{shard.url}: labels {dict(sorted(labels.items()))}, the manifest says"
+            f" {dict(sorted(shard.labels.items()))}"
+        )
+
+
+def _label_name(sample: dict[str, Any]) -> str:
+    data = sample.get(schema.SAMPLE_CLASS)
+    text = data.decode("ascii", "replace").strip() if isinstance(data, bytes) else ""
+    if text not in ("0", "1"):
+        raise LoaderError(
+            f"{sample.get('__url__')}: sample {sample.get(schema.SAMPLE_KEY)} has"
+            f" .{schema.SAMPLE_CLASS} {text!r}, not a class index"
+        )
+    return schema.LABEL_NAMES[int(text)]
 
 
 def repeated_passes(
@@ -274,6 +183,7 @@ def repeated_passes(
     keep: Callable[[str], bool],
     buffer: int,
     rng: random.Random,
+    check: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """The kept samples of ``shards``, pass after pass, each pass shuffled through the buffer.
 
@@ -282,7 +192,8 @@ def repeated_passes(
     """
     while True:
         found = False
-        kept = (s for s in read_samples(shards, skip_images) if keep(s[schema.SAMPLE_KEY]))
+        samples = read_samples(shards, skip_images, check)
+        kept = (s for s in samples if keep(s[schema.SAMPLE_KEY]))
         for sample in shuffle_buffer(kept, buffer, rng):
             found = True
             yield sample
@@ -327,13 +238,20 @@ def decode_side(crop_size: int) -> int:
     return math.ceil(crop_size * 8 / 7)
 
 
+class TextEncoder(Protocol):
+    """What turns a text into the token ids a text branch reads (``vocab.Vocabulary`` for the
+    paper's CNN, a subword tokenizer for a pretrained encoder); picklable for loader workers."""
+
+    def encode(self, text: str, max_tokens: int) -> list[int]: ...
+
+
 @dataclass
 class SampleDecoder:
     """Turns a raw shard sample into arrays; runs in the loader workers."""
 
-    vocab: Vocabulary | None
+    text: TextEncoder | None
     """None: the model reads no text."""
-    max_words: int
+    max_tokens: int
     crop_size: int | None
     """None: the model reads no image (and no image is decoded)."""
     train: bool
@@ -346,8 +264,8 @@ class SampleDecoder:
         key = sample[schema.SAMPLE_KEY]
         try:
             decoded: dict[str, Any] = {"key": key, "label": int(sample[schema.SAMPLE_CLASS])}
-            if self.vocab is not None:
-                ids = self.vocab.encode(sample[schema.SAMPLE_TEXT].decode("utf-8"), self.max_words)
+            if self.text is not None:
+                ids = self.text.encode(sample[schema.SAMPLE_TEXT].decode("utf-8"), self.max_tokens)
                 decoded["length"] = len(ids)
                 decoded["tokens"] = ids
             if self.crop_size is not None:
@@ -356,7 +274,7 @@ class SampleDecoder:
             raise LoaderError(
                 f"{sample.get('__url__')}: sample {key} has no {exc} member"
             ) from None
-        except (ValueError, image_rules.ImageRejected) as exc:
+        except (ValueError, UnicodeDecodeError, image_rules.ImageRejected) as exc:
             raise LoaderError(f"{sample.get('__url__')}: sample {key}: {exc}") from None
         return decoded
 
@@ -464,6 +382,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 0,
         keep: Callable[[str], bool] | None = None,
+        check: bool = True,
     ):
         super().__init__()
         self.shards = shards
@@ -476,6 +395,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.seed = seed
         self.buffer = shuffle_buffer
         self.keep = keep or _keep_all
+        self.check = check
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -500,26 +420,50 @@ class ShardStream(torch.utils.data.IterableDataset):
         return share(self.steps, samples)[worker]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self._batches()
+        except VsoError as exc:
+            # A loader worker's exception reaches the training process wrapped in a
+            # multi-line traceback; a marker batch carries its one-line message instead.
+            yield {ERROR: str(exc)}
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         shards = self.worker_shards(worker)
         rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker}")
         skip_images = self.decoder.crop_size is None
+        # this generates a stream of raw samples {"__key__", "jpg", "txt", "json", "cls"}
         if self.steps is None:
             samples: Iterable[dict[str, Any]] = (
-                s for s in read_samples(shards, skip_images) if self.keep(s[schema.SAMPLE_KEY])
+                s
+                for s in read_samples(shards, skip_images, self.check)
+                if self.keep(s[schema.SAMPLE_KEY])
             )
         else:
             quota = self.worker_steps(worker)
             if quota == 0:
                 return
-            samples = repeated_passes(shards, skip_images, self.keep, self.buffer, rng)
+            samples = repeated_passes(shards, skip_images, self.keep, self.buffer, rng, self.check)
+        # this generates a stream of decoded samples {"key", "label", "tokens", "image"}
         decoded = (self.decoder(s, rng) for s in samples)
         grouped = batches(decoded, self.batch_size, keep_partial=self.steps is None)
         if self.steps is not None:
             grouped = itertools.islice(grouped, quota)
         for batch in grouped:
             yield collate(batch)
+
+
+ERROR = "__error__"
+"""The key of the marker batch a stream yields in place of raising (see ``raise_errors``)."""
+
+
+def raise_errors(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The batches of a loader; a marker batch from a worker becomes its one-line error."""
+    for batch in batches:
+        if ERROR in batch:
+            raise LoaderError(batch[ERROR])
+        yield batch
 
 
 def _keep_all(key: str) -> bool:
@@ -571,6 +515,8 @@ class BatchMover:
         color_jitter: float = 0.0,
         seed: int = 0,
         rank: int = 0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
     ):
         self.device = device
         self.seed = seed
@@ -579,8 +525,9 @@ class BatchMover:
         self.channels_last = channels_last
         self.color_jitter = color_jitter
         self.non_blocking = device.type == "cuda"
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        # Per-channel mean and deviation on the 0..1 scale, applied to 0..255 pixels.
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.generator = torch.Generator(device=device)
         self.set_epoch(0)
 

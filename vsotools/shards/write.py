@@ -1,0 +1,212 @@
+"""Writing one shard: a photo's sample, and the pure, idempotent function of one part.
+
+``encode_sample`` turns a filtered record and its stored image into the members of a shard
+sample (``schema.SAMPLE_*``); ``write_shard(job, part, records)`` writes a ``Part`` as one tar
+shard through webdataset's ``TarWriter`` and then its completion marker. It depends on nothing
+but its arguments, so a local process pool (``shards.pool``) maps it over the parts today and
+an existing distributed engine (Ray, Dask, Spark) could map it over the same parts tomorrow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from webdataset import TarWriter
+
+from vsotools.core import images
+from vsotools.core.files import HashingStream, UnsafeFile, contained_path, read_regular_file
+from vsotools.core.schema import (
+    LABEL_NAMES,
+    SAMPLE_CLASS,
+    SAMPLE_IMAGE,
+    SAMPLE_KEY,
+    SAMPLE_META,
+    SAMPLE_META_FIELDS,
+    SAMPLE_TEXT,
+    sample_key,
+)
+from vsotools.shards.format import Location, ShardInfo
+from vsotools.shards.plan import Part
+
+MISSING_IMAGE = "missing_image"
+UNREADABLE_IMAGE = "unreadable_image"
+"""Skip reasons beside ``images``' rejection reasons (not_an_image, truncated, ...) and the
+unsafe-file reasons (not_a_file, too_large, outside_root)."""
+
+
+class Skipped(Exception):
+    """A photo that cannot become a sample; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def read_image(data_dir: Path, image_path: str, max_bytes: int) -> bytes:
+    """The stored image bytes; raises ``Skipped`` when missing, unreadable, not a regular file,
+    larger than ``max_bytes``, or outside the dataset folder."""
+    try:
+        path = contained_path(data_dir, image_path)
+        return read_regular_file(path, max_bytes)
+    except UnsafeFile as exc:
+        raise Skipped(exc.reason, exc.detail) from None
+    except FileNotFoundError:
+        raise Skipped(MISSING_IMAGE, f"{data_dir / image_path} not found") from None
+    except OSError as exc:
+        raise Skipped(UNREADABLE_IMAGE, f"{data_dir / image_path}: {exc.strerror or exc}") from None
+
+
+def encode_sample(
+    record: Mapping[str, Any], image: bytes, *, image_size: int, quality: int
+) -> dict[str, bytes]:
+    """The shard sample of one filtered record: extension -> bytes (``schema.SAMPLE_*``).
+
+    The image is decoded (JPEG at the smallest DCT scale that keeps ``image_size``), resized so
+    that its shorter side is ``image_size`` and re-encoded; raises ``Skipped`` if it cannot be.
+    """
+    try:
+        picture = images.load_rgb(image, shorter_side_at_least=image_size)
+        jpeg = images.encode_jpeg(images.resize_shorter_side(picture, image_size), quality)
+    except images.ImageRejected as exc:
+        raise Skipped(exc.reason, str(exc)) from None
+    except Exception as exc:  # Pillow raises many types on odd files; one must not stop a run
+        raise Skipped(images.NOT_AN_IMAGE, f"{type(exc).__name__}: {exc}") from None
+    meta = {name: record[name] for name in SAMPLE_META_FIELDS if name != "label"}
+    meta["label"] = LABEL_NAMES[record["label"]]
+    return {
+        SAMPLE_IMAGE: jpeg,
+        SAMPLE_TEXT: record["text"].encode("utf-8"),
+        SAMPLE_META: json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+        SAMPLE_CLASS: str(record["label"]).encode("ascii"),
+    }
+
+
+def tar_bytes(sample: Mapping[str, bytes]) -> int:
+    """Bytes a sample takes in a tar: a header block per member plus its padded data."""
+    block = tarfile.BLOCKSIZE
+    return sum(block + -(-len(data) // block) * block for data in sample.values())
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What every part of one run shares; pickled to the worker processes."""
+
+    data_dir: Path
+    location: Location
+    image_size: int
+    quality: int
+    fingerprint: str
+    max_bytes: int
+    """Largest image file read (the recipe's ``fetch.max_bytes``)."""
+
+
+@dataclass(frozen=True)
+class PartResult:
+    """A written part, as its completion marker records it."""
+
+    split: str
+    name: str
+    fingerprint: str
+    info: ShardInfo | None
+    """None when not one of the part's images could be read (no shard is written then)."""
+    skipped: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "split": self.split,
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "shard": self.info.to_json() if self.info else None,
+            "skipped": self.skipped,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> PartResult:
+        return cls(
+            split=str(data["split"]),
+            name=str(data["name"]),
+            fingerprint=str(data["fingerprint"]),
+            info=ShardInfo.from_json(data["shard"]) if data["shard"] else None,
+            skipped=list(data["skipped"]),
+        )
+
+
+class _Empty(Exception):
+    """No sample of a part could be written: its shard is dropped."""
+
+
+def write_shard(
+    job: ShardJob,
+    part: Part,
+    records: Sequence[Mapping[str, Any]],
+    on_record: Callable[[int], object] | None = None,
+) -> PartResult:
+    """Write ``part``'s records as one tar shard, then its completion marker; return the marker.
+
+    The shard appears under its final name only once complete; writing the same part again
+    gives the same bytes (fixed member metadata, deterministic encoding), so a rerun after a
+    crash at any point is safe. Photos whose image is missing or undecodable are left out and
+    listed; ``on_record(1)`` is called after each record, written or not.
+    """
+    skipped: list[dict[str, Any]] = []
+    labels: Counter[str] = Counter()
+    samples = 0
+    info = None
+    with contextlib.suppress(_Empty), job.location.open_atomic(part.name) as fh:
+        out = HashingStream(fh)
+        with _tar_writer(out) as tar:
+            for record in records:
+                try:
+                    image = read_image(job.data_dir, record["image_path"], job.max_bytes)
+                    sample = encode_sample(
+                        record, image, image_size=job.image_size, quality=job.quality
+                    )
+                except Skipped as exc:
+                    skipped.append(_skip_entry(part.split, record, exc))
+                else:
+                    tar.write({SAMPLE_KEY: sample_key(record["photo_id"]), **sample})
+                    samples += 1
+                    labels[LABEL_NAMES[record["label"]]] += 1
+                if on_record:
+                    on_record(1)
+        if samples == 0:
+            raise _Empty
+        info = ShardInfo(part.name, samples, out.bytes, out.hexdigest(), dict(labels))
+    result = PartResult(part.split, part.name, job.fingerprint, info, skipped)
+    job.location.write_bytes(part.marker, json_bytes(result.to_json()))
+    return result
+
+
+@contextlib.contextmanager
+def _tar_writer(stream: Any) -> Iterator[TarWriter]:
+    """webdataset's writer with fixed member metadata, so that a shard written twice has the
+    same bytes; GNU headers, so that a key of more than 100 characters gets a long-name entry."""
+    writer = TarWriter(
+        stream, user="", group="", mode=0o644, mtime=0, encoder=False, format="GNU_FORMAT"
+    )
+    try:
+        yield writer
+    finally:
+        writer.close()
+
+
+def _skip_entry(split: str, record: Mapping[str, Any], exc: Skipped) -> dict[str, Any]:
+    return {
+        "photo_id": record["photo_id"],
+        "split": split,
+        "image_path": record["image_path"],
+        "reason": exc.reason,
+        "detail": exc.detail,
+    }
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
