@@ -15,10 +15,12 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so th
     rng                   python, torch and CUDA generator states
     history               one dict per finished epoch (what RUN/metrics.jsonl holds)
     selection             the model-selection state (best score, its epoch, epochs since)
+    shards                the fingerprint of the shard set it trained on (absent: unknown)
 
-A run keeps two: ``RUN/last.pt``, the state after the last finished epoch (what ``--resume``
-reads), and ``RUN/checkpoint.pt``, the selected model (the last epoch's, or the best on the
-validation split), a hard link to the ``last.pt`` of the epoch that was selected.
+A training folder keeps two (``training.folder``): ``last.pt``, the state after the last
+finished epoch (what a resumed training reads), and ``checkpoint.pt``, the selected model (the
+last epoch's, or the best on the validation split), a hard link to the ``last.pt`` of the epoch
+that was selected. ``training_state`` assembles the dict; the readers below take it apart.
 """
 
 from __future__ import annotations
@@ -42,12 +44,46 @@ from vsotools.training.vocab import SPECIALS, Vocabulary
 
 FORMAT = "vsotools-checkpoint"
 VERSION = 1
-LAST_NAME = "last.pt"
-SELECTED_NAME = "checkpoint.pt"
 
 
 class CheckpointError(VsoError):
     """A checkpoint is missing, unreadable or not a vsotools checkpoint."""
+
+
+def training_state(
+    *,
+    recipe: Recipe,
+    model: SentimentNet,
+    vocab: Vocabulary | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    epoch: int,
+    step: int,
+    steps_per_epoch: int,
+    world_size: int,
+    history: list[dict[str, Any]],
+    selection: dict[str, Any],
+    shards: str,
+) -> dict[str, Any]:
+    """The checkpoint of a training after ``epoch`` epochs (see the module doc for each key)."""
+    return {
+        "model_type": recipe.train.model,
+        "recipe": recipe_to_toml(recipe),
+        "vocab": vocab.words if vocab is not None else None,
+        "lowercase": vocab.lowercase if vocab is not None else recipe.train.lowercase,
+        "tweet_tokens": vocab.tweets if vocab is not None else recipe.train.tweet_tokens,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "steps_per_epoch": steps_per_epoch,
+        "world_size": world_size,
+        "rng": rng_state(),
+        "history": history,
+        "selection": selection,
+        "shards": shards,
+    }
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -55,7 +91,33 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     from vsotools.core.files import atomic_open
 
     with atomic_open(path, "wb") as fh:
-        torch.save({"format": FORMAT, "version": VERSION, **state}, fh)
+        sink = _ErrorKeepingWriter(fh)
+        try:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, sink)
+        except RuntimeError:
+            # torch reports a failed write as "unexpected pos ..."; say what really failed
+            # (a full disk: "No space left on device").
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
+
+class _ErrorKeepingWriter:
+    """A file to write that keeps the first OSError its ``write`` raised."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.raw.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.raw.flush()
 
 
 def publish(source: str | Path, target: str | Path) -> None:
@@ -108,10 +170,6 @@ def checked_version(state: dict[str, Any], path: str | Path) -> dict[str, Any]:
 def recipe_of(state: dict[str, Any]) -> Recipe:
     """The resolved recipe a checkpoint was trained with."""
     return recipe_from_dict(tomllib.loads(state["recipe"]), base_dir=Path("/"))
-
-
-def recipe_text(recipe: Recipe) -> str:
-    return recipe_to_toml(recipe)
 
 
 def vocabulary_of(state: dict[str, Any]) -> Vocabulary | None:

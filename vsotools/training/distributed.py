@@ -105,3 +105,12 @@ def broadcast_object(context: Context, obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_module(context: Context, module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers copied into ``module`` on every rank."""
+    if not context.distributed:
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)

@@ -1,8 +1,8 @@
 """``vsotools evaluate`` and ``vsotools predict``: use what ``train`` saved.
 
 ``evaluate`` runs a checkpoint over one split of any shard set and returns the same metrics the
-run saved (the same evaluation code, ``vsotools.inference``); ``predict`` classifies one image
-and/or text.
+training saved (the same evaluation code, ``training.inference``, fed by the same data builders,
+``training.data``); ``predict`` classifies one image and/or text.
 """
 
 from __future__ import annotations
@@ -10,19 +10,24 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from vsotools.core.errors import VsoError
+from vsotools.core.files import UnsafeFile, read_regular_file
 from vsotools.core.metrics import Metrics
 from vsotools.core.schema import TEST
-from vsotools.shards.format import read_manifest, shard_urls
 from vsotools.training import checkpoint as ckpt
 from vsotools.training import distributed
+from vsotools.training.data import ModelInput, ShardSet, split_stream
 from vsotools.training.inference import Prediction, autocast_dtype, evaluate_batches, predict_one
-from vsotools.training.loader import BatchMover, SampleDecoder, Shard, ShardStream, make_loader
+from vsotools.training.loader import make_loader
 
 log = logging.getLogger(__name__)
+
+MAX_IMAGE_BYTES = 100_000_000
+"""Largest image file ``predict`` reads."""
 
 
 @dataclass
@@ -32,6 +37,15 @@ class EvaluationReport:
     shards: str
     split: str
     metrics: Metrics
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "checkpoint": str(self.checkpoint),
+            "model": self.model,
+            "shards": self.shards,
+            "split": self.split,
+            **self.metrics.to_json(),
+        }
 
 
 def evaluate(
@@ -43,10 +57,12 @@ def evaluate(
     workers: int | None = None,
     device: str = "auto",
     progress: bool = True,
+    check: bool = True,
 ) -> EvaluationReport:
     """Metrics of the checkpoint's model on ``split`` of the shard set at ``shards``.
 
-    ``batch_size`` and ``workers`` default to the run's recipe.
+    ``batch_size`` and ``workers`` default to the training's recipe; ``check`` compares what
+    every shard gives with its manifest entry.
     """
     state = ckpt.load_checkpoint(checkpoint)
     model, recipe, vocab = ckpt.model_of(state)
@@ -57,22 +73,21 @@ def evaluate(
     if channels_last and model.image is not None:
         model.image.to(memory_format=torch.channels_last)
 
-    manifest = read_manifest(str(shards))
-    urls = shard_urls(str(shards), manifest, split)
-    stream = ShardStream(
-        [Shard(url, info.samples) for url, info in zip(urls, manifest.shards(split), strict=True)],
-        SampleDecoder(
-            vocab=vocab if model.uses_text else None,
-            max_words=config.max_words,
-            crop_size=config.crop_size if model.uses_image else None,
-            train=False,
-            gpu_decode=config.gpu_decode and target.type == "cuda",
-        ),
-        batch_size=batch_size or config.batch_size,
+    shard_set = ShardSet.open(str(shards))
+    model_input = ModelInput.of(config, vocab)
+    stream = split_stream(
+        shard_set,
+        split,
+        model_input,
+        config,
+        distributed.Context(rank=0, world_size=1, local_rank=0, device=target),
+        batch_size=batch_size,
+        gpu_decode=config.gpu_decode and target.type == "cuda",
+        check=check,
     )
     n_workers = config.workers if workers is None else workers
     loader = make_loader(stream, n_workers, pin_memory=target.type == "cuda")
-    mover = BatchMover(target, crop_size=config.crop_size, channels_last=channels_last)
+    mover = model_input.mover(target, channels_last=channels_last)
     dtype = autocast_dtype(config.precision, target)
     outputs = evaluate_batches(model, loader, mover, dtype, progress=progress, desc=split)
     return EvaluationReport(
@@ -97,8 +112,14 @@ def predict(
     model.to(distributed.resolve_device(device))
     data = None
     if image is not None:
-        path = Path(image)
-        if not path.is_file():
-            raise VsoError(f"{path}: image not found")
-        data = path.read_bytes()
-    return predict_one(model, recipe, vocab, image=data, text=text)
+        data = _read_image(Path(image))
+    return predict_one(model, ModelInput.of(recipe.train, vocab), recipe, image=data, text=text)
+
+
+def _read_image(path: Path) -> bytes:
+    try:
+        return read_regular_file(path, MAX_IMAGE_BYTES)
+    except FileNotFoundError:
+        raise VsoError(f"{path}: image not found") from None
+    except UnsafeFile as exc:
+        raise VsoError(f"{path}: {exc.detail}") from None

@@ -20,9 +20,9 @@ from vsotools.core import schema
 from vsotools.core.config import Recipe
 from vsotools.core.errors import VsoError
 from vsotools.core.metrics import Metrics, compute_metrics
-from vsotools.training.loader import BatchMover, SampleDecoder, collate
+from vsotools.training.data import ModelInput
+from vsotools.training.loader import BatchMover, collate, raise_errors
 from vsotools.training.models import SentimentNet
-from vsotools.training.vocab import Vocabulary
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -73,6 +73,7 @@ def evaluate_batches(
     """Run ``model`` (in eval mode) over ``batches``; unweighted cross-entropy."""
     model.eval()
     outputs = Outputs()
+    batches = raise_errors(batches)
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
         inputs = mover.inputs(batch, train=False)
         labels = mover.labels(batch)
@@ -93,41 +94,58 @@ class Prediction:
     """Probability of ``label``."""
     positive_probability: float
 
+    @classmethod
+    def of(cls, positive: float) -> Prediction:
+        """The prediction for a positive-class probability (positive above one half)."""
+        index = int(positive > 0.5)
+        probability = positive if index == schema.POSITIVE else 1 - positive
+        return cls(schema.LABEL_NAMES[index], probability, positive)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "probability": self.probability,
+            "positive_probability": self.positive_probability,
+        }
+
 
 @torch.no_grad()
 def predict_one(
     model: SentimentNet,
+    model_input: ModelInput,
     recipe: Recipe,
-    vocab: Vocabulary | None,
     *,
     image: bytes | None,
     text: str | None,
 ) -> Prediction:
     """Classify one image and/or text as ``evaluate`` would after ``shard`` re-encoded it."""
-    if model.uses_text and text is None:
-        raise VsoError(f"this {recipe.train.model} model reads text: give --text")
-    if model.uses_image and image is None:
-        raise VsoError(f"this {recipe.train.model} model reads an image: give --image")
+    missing = [
+        name
+        for name, needed, given in (
+            ("text", model.uses_text, text),
+            ("image", model.uses_image, image),
+        )
+        if needed and given is None
+    ]
+    if missing:
+        raise PredictionInputError(
+            f"this {recipe.train.model} model reads {' and '.join(missing)}: it is missing"
+        )
     sample: dict[str, Any] = {schema.SAMPLE_KEY: "input", schema.SAMPLE_CLASS: b"0"}
     if model.uses_text:
         sample[schema.SAMPLE_TEXT] = (text or "").encode("utf-8")
     if model.uses_image:
         sample[schema.SAMPLE_IMAGE] = as_shard_jpeg(image or b"", recipe)
-    decoder = SampleDecoder(
-        vocab=vocab if model.uses_text else None,
-        max_words=recipe.train.max_words,
-        crop_size=recipe.train.crop_size if model.uses_image else None,
-        train=False,
-    )
+    decoder = model_input.decoder(recipe.train, train=False)
     batch = collate([decoder(sample, rng=None)])  # type: ignore[arg-type]
-    device = next(model.parameters()).device
-    mover = BatchMover(device, crop_size=recipe.train.crop_size)
+    mover = model_input.mover(next(model.parameters()).device)
     model.eval()
     logits = model(**mover.inputs(batch, train=False)).float()
-    positive = torch.softmax(logits, dim=1)[0, schema.POSITIVE].item()
-    index = int(positive > 0.5)
-    probability = positive if index == schema.POSITIVE else 1 - positive
-    return Prediction(schema.LABEL_NAMES[index], probability, positive)
+    return Prediction.of(torch.softmax(logits, dim=1)[0, schema.POSITIVE].item())
+
+
+class PredictionInputError(VsoError):
+    """A prediction lacks an input the model reads (its text or its image)."""
 
 
 def as_shard_jpeg(data: bytes, recipe: Recipe) -> bytes:

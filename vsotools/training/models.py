@@ -21,10 +21,6 @@ from torch import nn
 
 from vsotools.core.config import TrainConfig
 
-BRANCH_PREFIXES = {"text": "text.", "image": "image."}
-"""State-dict prefix of each branch inside ``SentimentNet``."""
-
-
 class TextCNN(nn.Module):
     """Kim's sentence CNN with max, average and min pooling over the valid positions.
 

@@ -1,27 +1,20 @@
 """``vsotools train``: train the fusion model or a baseline on a shard set, streaming it.
 
-Read top to bottom: the run folder and the checkpoint to resume, the vocabulary and word vectors,
-the model, the optimizer, the data, then the loop (train one epoch, evaluate, checkpoint, select),
-and the final report. One process trains on the CPU or one GPU; under ``torchrun`` every process
-runs this same code on its part of the shards, wrapped in DistributedDataParallel.
-
-A run folder holds::
-
-    RUN/recipe.toml       the resolved recipe
-    RUN/word2vec.bin      the text model's word vectors (word2vec binary; reusable)
-    RUN/last.pt           the state after the last finished epoch (for --resume)
-    RUN/checkpoint.pt     the selected model (the last epoch's, or the best on validation)
-    RUN/metrics.jsonl     one line per finished epoch
-    RUN/metrics.json      the selected model's metrics on the test split, written last
+Read top to bottom, in the shape of torchvision's reference scripts: ``train`` sets up the
+training folder and the state to resume, the vocabulary and word vectors, the model, the
+optimizer and the data, then loops over epochs (``train_one_epoch``, ``evaluate`` on the
+validation carve, a checkpoint, model selection), and at the end scores the selected model once
+on the test split. One process trains on the CPU or one GPU; under ``torchrun`` every process
+runs this same code on its part of the shards, wrapped in DistributedDataParallel. The files it
+leaves are described in ``training.folder``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +24,25 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vsotools.core import schema
-from vsotools.core.config import Recipe, TrainConfig, write_recipe
-from vsotools.core.errors import ConfigError, VsoError
-from vsotools.core.files import atomic_write_json, atomic_write_text
+from vsotools.core.config import Recipe, TrainConfig, output_settings, write_recipe
+from vsotools.core.errors import ConfigError, ExistingOutput, VsoError
 from vsotools.core.metrics import Metrics
-from vsotools.shards.format import read_manifest, shard_urls
 from vsotools.training import checkpoint as ckpt
 from vsotools.training import distributed
 from vsotools.training import vocab as vocab_rules
+from vsotools.training.data import ModelInput, ShardSet, split_stream
+from vsotools.training.folder import SELECTED_FILE, TrainingFolder, training_fingerprint
 from vsotools.training.inference import Outputs, autocast, autocast_dtype, evaluate_batches
 from vsotools.training.loader import (
     BatchMover,
     KeepValidation,
-    SampleDecoder,
+    LoaderError,
     Shard,
     ShardStream,
     check_shard_count,
     gpu_jpeg_decoder,
     make_loader,
+    raise_errors,
     read_samples,
     steps_per_epoch,
 )
@@ -63,17 +57,9 @@ from vsotools.training.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
-METRICS_LINES = "metrics.jsonl"
-METRICS_FINAL = "metrics.json"
-RECIPE_NAME = "recipe.toml"
-VECTORS_NAME = "word2vec.bin"
-
-RESUMABLE_CHANGES = ("epochs", "patience", "workers", "device", "precision", "channels_last")
-"""train settings a resumed run may change; any other difference is refused."""
-
-
-class RunError(VsoError):
-    """The run folder cannot be used as asked (already holds a run, recipe differs on resume)."""
+RESUMABLE_CHANGES = ("epochs", "patience")
+"""Settings a resumed training may change besides those that shape no output (workers, device,
+precision...): how long it goes on."""
 
 
 @dataclass
@@ -82,7 +68,7 @@ class TrainReport:
     checkpoint: Path
     model: str
     epochs: int
-    """Epochs finished (fewer than asked when early stopping ended the run)."""
+    """Epochs finished (fewer than asked when early stopping ended the training)."""
     steps: int
     selected_epoch: int
     test: Metrics
@@ -91,9 +77,63 @@ class TrainReport:
     seconds: float
     """Wall time of this invocation."""
     resumed_after: int | None
-    """The epoch a resumed run continued after, or None."""
+    """The epoch a resumed training continued after, or None."""
     rank: int = 0
     """This process's rank (under torchrun every rank returns a report)."""
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["test"] = self.test.to_json()
+        data["validation"] = self.validation.to_json() if self.validation else None
+        return data
+
+
+@dataclass
+class Selection:
+    """Which epoch's model is kept, and early stopping: the best validation score so far, its
+    epoch, and the epochs since it (``metric`` ``last`` keeps every latest epoch)."""
+
+    metric: str
+    patience: int
+    best: float | None = None
+    epoch: int = 0
+    since: int = 0
+    stopped: bool = False
+
+    def update(self, epoch: int, val: Metrics | None) -> bool:
+        """Whether the model after ``epoch`` is the one to keep; counts towards stopping."""
+        if self.metric == "last" or val is None:
+            self.epoch = epoch
+            return True
+        score = {
+            "val_loss": -(val.loss if val.loss is not None else float("inf")),
+            "val_accuracy": val.accuracy,
+            "val_macro_f1": val.macro_f1,
+        }[self.metric]
+        if self.best is None or score > self.best:
+            self.best, self.epoch, self.since = score, epoch, 0
+            return True
+        self.since += 1
+        if self.patience and self.since >= self.patience:
+            self.stopped = True
+            log.info("early stop: %s has not improved for %d epochs", self.metric, self.patience)
+        return False
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "epoch": self.epoch,
+            "since": self.since,
+            "stopped": self.stopped,
+        }
+
+    @classmethod
+    def restore(cls, config: TrainConfig, state: dict[str, Any] | None) -> Selection:
+        selection = cls(config.select, config.patience)
+        if state:
+            selection.best, selection.epoch = state["best"], int(state["epoch"])
+            selection.since, selection.stopped = int(state["since"]), bool(state["stopped"])
+        return selection
 
 
 def train(
@@ -103,58 +143,60 @@ def train(
     *,
     resume: bool = False,
     progress: bool = True,
+    check: bool = True,
 ) -> TrainReport:
-    """Train ``recipe.train.model`` on the shard set at ``shards`` into the run folder ``out``."""
+    """Train ``recipe.train.model`` on the shard set at ``shards`` into the training folder
+    ``out``; ``resume`` continues a training there. ``check`` compares what every shard gives
+    with its manifest entry."""
     context = distributed.setup(recipe.train.device)
+    folder = TrainingFolder(out)
     try:
-        return _train(recipe, str(shards), Path(out), context, resume=resume, progress=progress)
+        shard_set = ShardSet.open(str(shards))
+        _check_inputs(recipe.train, shard_set, context)
+        if not context.is_main:
+            return _train(recipe, shard_set, folder, context, resume, progress, check)
+        with folder.lock():
+            return _train(recipe, shard_set, folder, context, resume, progress, check)
     finally:
         distributed.teardown(context)
 
 
+def _check_inputs(config: TrainConfig, shard_set: ShardSet, context: distributed.Context) -> None:
+    """Refuse, before anything is written, what cannot train: too few shards for the readers,
+    GPU decoding without a GPU."""
+    check_shard_count(
+        len(shard_set.shards(schema.TRAIN)), context.world_size, config.workers, schema.TRAIN
+    )
+    if config.gpu_decode:
+        if context.device.type != "cuda":
+            raise ConfigError("train.gpu_decode needs a CUDA device (set gpu_decode=false)")
+        gpu_jpeg_decoder()  # a clear error now, not after building the vocabulary
+
+
 def _train(
     recipe: Recipe,
-    shards: str,
-    out: Path,
+    shard_set: ShardSet,
+    folder: TrainingFolder,
     context: distributed.Context,
-    *,
     resume: bool,
     progress: bool,
+    check: bool,
 ) -> TrainReport:
     started = time.perf_counter()
     config = recipe.train
     device = context.device
-    main = context.is_main
-    show = progress and main
+    show = progress and context.is_main
 
-    # --- the data set and the run folder ---
-    manifest = read_manifest(shards)
-    train_shards = [
-        Shard(url, info.samples)
-        for url, info in zip(
-            shard_urls(shards, manifest, schema.TRAIN), manifest.shards(schema.TRAIN), strict=True
-        )
-    ]
-    test_shards = [
-        Shard(url, info.samples)
-        for url, info in zip(
-            shard_urls(shards, manifest, schema.TEST), manifest.shards(schema.TEST), strict=True
-        )
-    ]
-    check_shard_count(len(train_shards), context.world_size, config.workers, schema.TRAIN)
-    if config.gpu_decode:
-        if device.type != "cuda":
-            raise ConfigError("train.gpu_decode needs a CUDA device (set gpu_decode=false)")
-        gpu_jpeg_decoder()  # a clear error now, not after building the vocabulary
-    state = _state_to_resume(out, recipe, resume)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_recipe(recipe, out / RECIPE_NAME)
+    # --- the training folder, and the state to resume ---
+    state = _state_to_resume(folder, recipe, shard_set, resume)
+    if context.is_main:
+        folder.root.mkdir(parents=True, exist_ok=True)
+        write_recipe(recipe, folder.recipe)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
     # --- vocabulary and word vectors, the model ---
-    vocab, embeddings = _vocabulary(config, state, train_shards, out, context)
+    vocab, embeddings = _vocabulary(config, state, shard_set, folder, context, check)
     model = build_model(config, embeddings)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -173,21 +215,30 @@ def _train(
         optimizer, step_size=config.lr_decay_steps, gamma=config.lr_decay
     )
     criterion = nn.CrossEntropyLoss(
-        weight=_class_weights(config, manifest.labels(schema.TRAIN), device)
+        weight=_class_weights(config, shard_set.labels(schema.TRAIN), device)
     )
 
     # --- the data ---
-    n_fit = round(manifest.samples(schema.TRAIN) * (1 - config.val_fraction))
+    model_input = ModelInput.of(config, vocab)
+    n_fit = round(shard_set.samples(schema.TRAIN) * (1 - config.val_fraction))
     steps = steps_per_epoch(n_fit, config.batch_size, context.world_size)
-    train_stream = _stream(train_shards, config, vocab, context, train=True, steps=steps)
-    val_stream = None
+    streams = {
+        "train": split_stream(
+            shard_set, schema.TRAIN, model_input, config, context,
+            train=True, steps=steps, gpu_decode=config.gpu_decode, check=check,
+        ),
+        "test": split_stream(
+            shard_set, schema.TEST, model_input, config, context,
+            gpu_decode=config.gpu_decode, check=check,
+        ),
+    }  # fmt: skip
     if config.val_fraction > 0:
-        val_stream = _stream(train_shards, config, vocab, context, train=False, validation=True)
-    test_stream = _stream(test_shards, config, vocab, context, train=False)
-    pin = device.type == "cuda"
-    mover = BatchMover(
+        streams["val"] = split_stream(
+            shard_set, schema.TRAIN, model_input, config, context,
+            validation=True, gpu_decode=config.gpu_decode, check=check,
+        )  # fmt: skip
+    mover = model_input.mover(
         device,
-        crop_size=config.crop_size,
         channels_last=channels_last,
         color_jitter=config.color_jitter,
         seed=config.seed,
@@ -197,31 +248,31 @@ def _train(
 
     # --- where the loop starts ---
     epoch, step, history = 0, 0, []
-    selection = {"best": None, "epoch": 0, "since": 0, "stopped": False}
+    selection = Selection.restore(config, None)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt.restore_rng(state["rng"])
         epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
-        selection = dict(state["selection"])
+        selection = Selection.restore(config, state["selection"])
         log.info("resuming after epoch %d (step %d)", epoch, step)
     resumed_after = epoch if state is not None else None
 
-    # --- the loop ---
+    # --- the loop: train, validate, checkpoint, select ---
     frozen: bool | None = None
     wrapped: nn.Module = model
-    while epoch < config.epochs and not selection["stopped"]:
+    while epoch < config.epochs and not selection.stopped:
         if frozen != (epoch < config.freeze_branches_epochs):
             frozen = epoch < config.freeze_branches_epochs
             _set_branches_trainable(model, not frozen)
             wrapped = _wrap(model, context)
-        # Every random draw of an epoch follows from (seed, epoch, rank), so a resumed run
+        # Every random draw of an epoch follows from (seed, epoch, rank), so a resumed training
         # continues exactly as an uninterrupted one would.
         torch.manual_seed(_epoch_seed(config.seed, epoch, context.rank))
         mover.set_epoch(epoch)
-        train_stream.set_epoch(epoch)
-        loader = make_loader(train_stream, config.workers, pin)
-        stats = _train_one_epoch(
+        streams["train"].set_epoch(epoch)
+        loader = make_loader(streams["train"], config.workers, device.type == "cuda")
+        stats = train_one_epoch(
             wrapped, loader, mover, optimizer, scheduler, criterion, dtype,
             steps=steps, desc=f"epoch {epoch + 1}/{config.epochs}", progress=show,
         )  # fmt: skip
@@ -235,50 +286,51 @@ def _train(
         epoch += 1
 
         evaluated = time.perf_counter()
-        val = (
-            _evaluate(model, val_stream, config.workers, mover, dtype, context, "val")
-            if val_stream
-            else None
-        )
-        test = _evaluate(model, test_stream, config.workers, mover, dtype, context, "test")
-        record = _epoch_record(epoch, step, scheduler.get_last_lr()[0], stats, context, val, test)
+        val = None
+        if "val" in streams:
+            val = evaluate(model, streams["val"], config.workers, mover, dtype, context, "val")
+        record = _epoch_record(epoch, step, scheduler.get_last_lr()[0], stats, context, val)
         record["eval_seconds"] = round(time.perf_counter() - evaluated, 3)
         record["frozen_branches"] = bool(frozen)
-        record["selected"] = _select(config, selection, epoch, val)
+        record["selected"] = selection.update(epoch, val)
         history.append(record)
-        if main:
+        if context.is_main:
             _log_epoch(record, config.epochs)
-            _save_epoch(
-                out,
-                model,
-                optimizer,
-                scheduler,
-                recipe,
-                vocab,
-                epoch,
-                step,
-                steps,
-                context,
-                history,
-                selection,
-            )
+            training = ckpt.training_state(
+                recipe=recipe, model=model, vocab=vocab, optimizer=optimizer,
+                scheduler=scheduler, epoch=epoch, step=step, steps_per_epoch=steps,
+                world_size=context.world_size, history=history, selection=selection.state(),
+                shards=shard_set.fingerprint,
+            )  # fmt: skip
+            ckpt.save_checkpoint(folder.last, training)
+            if record["selected"]:
+                ckpt.publish(folder.last, folder.selected)
+            folder.write_epochs(history)
         distributed.barrier(context)
 
-    # --- the report: the selected model on the test split ---
-    chosen = next(r for r in history if r["epoch"] == selection["epoch"])
-    test_metrics = _metrics_from_record(chosen, "test")
-    val_metrics = _metrics_from_record(chosen, "val") if val_stream else None
-    if main:
-        _write_final(out, config, shards, chosen, test_metrics, val_metrics, epoch)
+    # --- the selected model, scored once on the test split ---
+    _load_selected(model, folder, selection.epoch, epoch, context)
+    test = evaluate(model, streams["test"], config.workers, mover, dtype, context, "test")
+    chosen = next(r for r in history if r["epoch"] == selection.epoch)
+    validation = _metrics_from_record(chosen, "val") if "val" in streams else None
+    if context.is_main:
+        log.info(
+            "test, epoch %d's model: accuracy %.4f macro-F1 %.4f (scored once)",
+            selection.epoch, test.accuracy, test.macro_f1,
+        )  # fmt: skip
+        folder.finish(
+            _final_record(config, shard_set, chosen, test, validation, epoch),
+            training_fingerprint(recipe, shard_set.fingerprint),
+        )
     return TrainReport(
-        out=out,
-        checkpoint=out / ckpt.SELECTED_NAME,
+        out=folder.root,
+        checkpoint=folder.selected,
         model=config.model,
         epochs=epoch,
         steps=step,
-        selected_epoch=int(selection["epoch"]),
-        test=test_metrics,
-        validation=val_metrics,
+        selected_epoch=selection.epoch,
+        test=test,
+        validation=validation,
         seconds=time.perf_counter() - started,
         resumed_after=resumed_after,
         rank=context.rank,
@@ -289,31 +341,51 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1009 + rank) % 2**63
 
 
-# --- the run folder and resuming -------------------------------------------------------------
+# --- the training folder and resuming -------------------------------------------------------
 
 
-def _state_to_resume(out: Path, recipe: Recipe, resume: bool) -> dict[str, Any] | None:
-    last = out / ckpt.LAST_NAME
+def _state_to_resume(
+    folder: TrainingFolder, recipe: Recipe, shard_set: ShardSet, resume: bool
+) -> dict[str, Any] | None:
     if not resume:
-        if last.exists() or (out / ckpt.SELECTED_NAME).exists():
-            raise RunError(
-                f"{out} already holds a training run; pass --resume to continue it,"
-                " or choose another --out"
-            )
+        if folder.holds_training():
+            raise ExistingOutput(f"{folder} already holds a training", "resume", "elsewhere")
         return None
-    if not last.exists():
-        log.info("%s has no checkpoint yet: starting from the beginning", out)
+    if not folder.last.exists():
+        log.info("%s has no checkpoint yet: starting from the beginning", folder)
         return None
-    state = ckpt.load_checkpoint(last)
+    state = ckpt.load_checkpoint(folder.last)
     saved = ckpt.recipe_of(state).train
-    for name in TrainConfig.__dataclass_fields__:
-        if name not in RESUMABLE_CHANGES and getattr(saved, name) != getattr(recipe.train, name):
-            raise RunError(
-                f"--resume: train.{name} is {getattr(recipe.train, name)!r} here but"
-                f" {getattr(saved, name)!r} in {last}; resume with the run's recipe"
-                f" ({out / RECIPE_NAME})"
+    ours, theirs = output_settings(recipe.train), output_settings(saved)
+    for name, value in ours.items():
+        if name not in RESUMABLE_CHANGES and theirs[name] != value:
+            raise ConfigError(
+                f"resuming {folder}: train.{name} is {value!r} here but {theirs[name]!r} in"
+                f" {folder.last}; resume with the training's recipe ({folder.recipe})"
             )
+    trained_on = state.get("shards")
+    if trained_on is not None and trained_on != shard_set.fingerprint:
+        raise ConfigError(
+            f"resuming {folder}: it trained on the shard set with fingerprint"
+            f" {trained_on[:16]}..., but {shard_set.location} has {shard_set.fingerprint[:16]}...;"
+            " resume with the shards it started on"
+        )
     return state
+
+
+def _load_selected(
+    model: SentimentNet,
+    folder: TrainingFolder,
+    selected: int,
+    current: int,
+    context: distributed.Context,
+) -> None:
+    """Put the selected epoch's weights into ``model`` on every rank, unless it holds them."""
+    if selected == current:
+        return
+    if context.is_main:
+        model.load_state_dict(ckpt.load_checkpoint(folder.selected)["model"])
+    distributed.broadcast_module(context, model)
 
 
 # --- vocabulary and word vectors -------------------------------------------------------------
@@ -322,9 +394,10 @@ def _state_to_resume(out: Path, recipe: Recipe, resume: bool) -> dict[str, Any] 
 def _vocabulary(
     config: TrainConfig,
     state: dict[str, Any] | None,
-    train_shards: list[Shard],
-    out: Path,
+    shard_set: ShardSet,
+    folder: TrainingFolder,
     context: distributed.Context,
+    check: bool,
 ) -> tuple[Vocabulary | None, torch.Tensor | None]:
     """The text model's vocabulary and embedding matrix: from the checkpoint being resumed, from
     ``init_text``, or built on rank 0 from the training texts and sent to every rank."""
@@ -343,20 +416,20 @@ def _vocabulary(
             "text", config, {"lowercase": vocab.lowercase, "tweet_tokens": vocab.tweets}
         )
         return vocab, source["model"]["text.embedding.weight"]
-    built = _build_vocabulary(config, train_shards, out) if context.is_main else None
+    built = None
+    if context.is_main:
+        built = _build_vocabulary(config, shard_set.shards(schema.TRAIN), folder, check)
     words, lowercase, tweets, matrix = distributed.broadcast_object(context, built)
     return Vocabulary(words, lowercase, tweets), matrix
 
 
 def _build_vocabulary(
-    config: TrainConfig, train_shards: list[Shard], out: Path
+    config: TrainConfig, train_shards: list[Shard], folder: TrainingFolder, check: bool
 ) -> tuple[list[str], bool, bool, torch.Tensor]:
     keep = KeepValidation(config.seed, config.val_fraction, wanted=False)
     sentences = [
-        vocab_rules.model_tokens(
-            sample[schema.SAMPLE_TEXT].decode("utf-8"), config.lowercase, config.tweet_tokens
-        )
-        for sample in read_samples(train_shards, skip_images=True)
+        vocab_rules.model_tokens(_text_of(sample), config.lowercase, config.tweet_tokens)
+        for sample in read_samples(train_shards, skip_images=True, check=check)
         if keep(sample[schema.SAMPLE_KEY])
     ]
     vocab = Vocabulary.build(sentences, config.w2v_min_count, config.lowercase, config.tweet_tokens)
@@ -374,8 +447,23 @@ def _build_vocabulary(
     matrix = vocab_rules.embedding_matrix(
         vocab, vectors, config.word_dim, config.oov_scale, config.seed, config.drop_components
     )
-    vocab_rules.save_word_vectors(vocab, matrix, out / VECTORS_NAME)
+    vocab_rules.save_word_vectors(vocab, matrix, folder.vectors)
     return vocab.words[len(vocab_rules.SPECIALS) :], vocab.lowercase, vocab.tweets, matrix
+
+
+def _text_of(sample: dict[str, Any]) -> str:
+    try:
+        return sample[schema.SAMPLE_TEXT].decode("utf-8")
+    except KeyError:
+        raise LoaderError(
+            f"{sample.get('__url__')}: sample {sample.get(schema.SAMPLE_KEY)} has no"
+            f" .{schema.SAMPLE_TEXT} member"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise LoaderError(
+            f"{sample.get('__url__')}: sample {sample.get(schema.SAMPLE_KEY)}: its text is not"
+            f" UTF-8 ({exc.reason})"
+        ) from None
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -419,8 +507,8 @@ def _branch_weights(source: dict[str, Any], name: str, path: str) -> dict[str, t
     weights = {k[len(prefix) :]: v for k, v in source["model"].items() if k.startswith(prefix)}
     if not weights:
         raise ConfigError(
-            f"train.init_{name}: {path} is a {source.get('model_type')} model without"
-            f" a {name} branch"
+            f"train.init_{name}: {path} holds a {source.get('model_type')} model, which has no"
+            f" {name} branch"
         )
     return weights
 
@@ -498,49 +586,10 @@ def _class_weights(
     return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
-# --- the data ----------------------------------------------------------------------------------
+# --- one epoch, one evaluation -----------------------------------------------------------------
 
 
-def _stream(
-    shards: list[Shard],
-    config: TrainConfig,
-    vocab: Vocabulary | None,
-    context: distributed.Context,
-    *,
-    train: bool,
-    steps: int | None = None,
-    validation: bool = False,
-) -> ShardStream:
-    decoder = SampleDecoder(
-        vocab=vocab if config.model != "image" else None,
-        max_words=config.max_words,
-        crop_size=config.crop_size if config.model != "text" else None,
-        train=train,
-        hflip=config.hflip,
-        scale_jitter=config.scale_jitter,
-        gpu_decode=config.gpu_decode,
-    )
-    keep = None
-    if config.val_fraction > 0 and shards and (train or validation):
-        keep = KeepValidation(config.seed, config.val_fraction, wanted=validation)
-    return ShardStream(
-        shards,
-        decoder,
-        batch_size=config.batch_size,
-        rank=context.rank,
-        world_size=context.world_size,
-        num_workers=config.workers,
-        steps=steps if train else None,
-        seed=config.seed,
-        shuffle_buffer=config.shuffle_buffer if train else 0,
-        keep=keep,
-    )
-
-
-# --- one epoch ---------------------------------------------------------------------------------
-
-
-def _train_one_epoch(
+def train_one_epoch(
     model: nn.Module,
     loader,
     mover: BatchMover,
@@ -562,7 +611,7 @@ def _train_one_epoch(
     done = 0
     started = time.perf_counter()
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
-    for batch in loader:
+    for batch in raise_errors(loader):
         inputs = mover.inputs(batch, train=True)
         labels = mover.labels(batch)
         with autocast(device, dtype):
@@ -598,7 +647,7 @@ def _train_one_epoch(
     }
 
 
-def _evaluate(
+def evaluate(
     model: SentimentNet,
     stream: ShardStream,
     workers: int,
@@ -613,7 +662,7 @@ def _evaluate(
     return Outputs.merge(distributed.gather_objects(context, outputs)).metrics()
 
 
-# --- records, selection, checkpoints -------------------------------------------------------------
+# --- what each epoch and the training leave ------------------------------------------------------
 
 
 def _epoch_record(
@@ -623,7 +672,6 @@ def _epoch_record(
     stats: dict[str, Any],
     context: distributed.Context,
     val: Metrics | None,
-    test: Metrics,
 ) -> dict[str, Any]:
     samples, loss_sum, correct, seconds = distributed.all_sum(
         context, [stats["samples"], stats["loss_sum"], stats["correct"], stats["seconds"]]
@@ -641,24 +689,23 @@ def _epoch_record(
     }
     if val is not None:
         record.update(_metrics_record(val, "val"))
-    record.update(_metrics_record(test, "test"))
     return record
 
 
 def _log_epoch(record: dict[str, Any], epochs: int) -> None:
     val = ""
     if "val_loss" in record:
-        val = f", val loss {record['val_loss']:.4f} accuracy {record['val_accuracy']:.4f}"
+        val = (
+            f", val loss {record['val_loss']:.4f} accuracy {record['val_accuracy']:.4f}"
+            f" macro-F1 {record['val_macro_f1']:.4f}"
+        )
     log.info(
-        "epoch %d/%d: train loss %.4f accuracy %.4f%s, test accuracy %.4f macro-F1 %.4f"
-        " (%.1f s, %.1f samples/s)%s",
+        "epoch %d/%d: train loss %.4f accuracy %.4f%s (%.1f s, %.1f samples/s)%s",
         record["epoch"],
         epochs,
         record["train_loss"],
         record["train_accuracy"],
         val,
-        record["test_accuracy"],
-        record["test_macro_f1"],
         record["seconds"],
         record["samples_per_s"],
         " *" if record["selected"] else "",
@@ -674,87 +721,23 @@ def _metrics_from_record(record: dict[str, Any], prefix: str) -> Metrics:
     return Metrics(**{key: record[f"{prefix}_{key}"] for key in fields})
 
 
-def _select(
-    config: TrainConfig, selection: dict[str, Any], epoch: int, val: Metrics | None
-) -> bool:
-    """Whether this epoch's model becomes RUN/checkpoint.pt; updates early-stopping state."""
-    if config.select == "last" or val is None:
-        selection["epoch"] = epoch
-        return True
-    score = {
-        "val_loss": -(val.loss if val.loss is not None else float("inf")),
-        "val_accuracy": val.accuracy,
-        "val_macro_f1": val.macro_f1,
-    }[config.select]
-    if selection["best"] is None or score > selection["best"]:
-        selection.update(best=score, epoch=epoch, since=0)
-        return True
-    selection["since"] += 1
-    if config.patience and selection["since"] >= config.patience:
-        selection["stopped"] = True
-        log.info("early stop: %s has not improved for %d epochs", config.select, config.patience)
-    return False
-
-
-def _save_epoch(
-    out: Path,
-    model: SentimentNet,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    recipe: Recipe,
-    vocab: Vocabulary | None,
-    epoch: int,
-    step: int,
-    steps: int,
-    context: distributed.Context,
-    history: list[dict[str, Any]],
-    selection: dict[str, Any],
-) -> None:
-    """last.pt, then checkpoint.pt when this epoch is selected, then metrics.jsonl (rank 0)."""
-    state = {
-        "model_type": recipe.train.model,
-        "recipe": ckpt.recipe_text(recipe),
-        "vocab": vocab.words if vocab is not None else None,
-        "lowercase": vocab.lowercase if vocab is not None else recipe.train.lowercase,
-        "tweet_tokens": vocab.tweets if vocab is not None else recipe.train.tweet_tokens,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "steps_per_epoch": steps,
-        "world_size": context.world_size,
-        "rng": ckpt.rng_state(),
-        "history": history,
-        "selection": selection,
-    }
-    ckpt.save_checkpoint(out / ckpt.LAST_NAME, state)
-    if history[-1]["selected"]:
-        ckpt.publish(out / ckpt.LAST_NAME, out / ckpt.SELECTED_NAME)
-    atomic_write_text(out / METRICS_LINES, "".join(json.dumps(r) + "\n" for r in history))
-
-
-def _write_final(
-    out: Path,
+def _final_record(
     config: TrainConfig,
-    shards: str,
+    shard_set: ShardSet,
     chosen: dict[str, Any],
     test: Metrics,
-    val: Metrics | None,
+    validation: Metrics | None,
     epochs: int,
-) -> None:
-    atomic_write_json(
-        out / METRICS_FINAL,
-        {
-            "model": config.model,
-            "split": schema.TEST,
-            **test.to_json(),
-            "selected_epoch": chosen["epoch"],
-            "selected_by": config.select,
-            "step": chosen["step"],
-            "epochs": epochs,
-            "validation": val.to_json() if val is not None else None,
-            "checkpoint": ckpt.SELECTED_NAME,
-            "shards": shards,
-        },
-    )
+) -> dict[str, Any]:
+    return {
+        "model": config.model,
+        "split": schema.TEST,
+        **test.to_json(),
+        "selected_epoch": chosen["epoch"],
+        "selected_by": config.select,
+        "step": chosen["step"],
+        "epochs": epochs,
+        "validation": validation.to_json() if validation is not None else None,
+        "checkpoint": SELECTED_FILE,
+        "shards": shard_set.location,
+    }
