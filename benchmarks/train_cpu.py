@@ -132,8 +132,8 @@ def shard_rate(
 ) -> float:
     """Samples/s of training steps fed by the real loader from shards."""
     decoder = SampleDecoder(
-        vocab=vocab,
-        max_words=config.max_words,
+        text=vocab,
+        max_tokens=config.max_words,
         crop_size=config.crop_size,
         train=True,
         gpu_decode=config.gpu_decode,

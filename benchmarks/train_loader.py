@@ -129,7 +129,7 @@ def pipeline_rate(
     """Samples/s of the training pipeline with ``workers`` loader processes (0: in-process);
     ``vocab`` None is the image-only (SV) pipeline, else the fusion pipeline."""
     total = sum(s.samples for s in shards)
-    decoder = SampleDecoder(vocab=vocab, max_words=150, crop_size=crop, train=True)
+    decoder = SampleDecoder(text=vocab, max_tokens=150, crop_size=crop, train=True)
     stream = ShardStream(
         shards,
         decoder,

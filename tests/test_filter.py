@@ -279,7 +279,7 @@ def test_parallel_and_serial_word_counts_agree(tmp_path, manifest):
 def test_missing_metadata_is_a_clear_error(cli, tmp_path):
     result = cli("filter", tmp_path / "nothing")
     assert result.code == 1
-    assert "metadata not found: run `vsotools fetch" in result.err
+    assert "nothing: no photo records in" in result.err and "fetch them first" in result.err
 
 
 def test_crawled_photos_need_a_manifest_and_nothing_is_lost(cli, tmp_path, manifest):
@@ -298,3 +298,41 @@ def test_crawled_photos_need_a_manifest_and_nothing_is_lost(cli, tmp_path, manif
     assert "filter.max_words: must be at least filter.min_words" in result.err
     assert (data / "filtered.parquet").read_bytes() == before
     assert not list(data.glob(".filter-work*"))
+
+
+def test_set_then_flags_are_validated_once_as_a_whole(cli, tmp_path, manifest):
+    """Bug: the recipe was validated after --set and again after the flags, so a final recipe
+    that is valid (200..300 words) was refused on the way (min 200 > the default max 150)."""
+    data = tmp_path / "data"
+    write_metadata(data, _many(10))
+    result = cli(
+        "filter", data, "--manifest", manifest, "--set", "filter.min_words=200",
+        "--max-words", "300",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    saved = load_recipe(data / "filter-recipe.toml").filter
+    assert (saved.min_words, saved.max_words) == (200, 300)
+    # The whole recipe is still checked once, at the end.
+    result = cli("filter", data, "--manifest", manifest, "--min-words", "9", "--max-words", "8")
+    assert result.code == 1 and "filter.max_words: must be at least" in result.err
+
+
+def test_a_rerun_on_the_same_records_is_a_no_op_and_new_records_are_filtered(
+    cli, tmp_path, manifest
+):
+    data = tmp_path / "data"
+    write_metadata(data, _many(30))
+    first = _filter(cli, data, "--manifest", manifest)
+    written = (data / "filtered.parquet").stat().st_mtime_ns
+    again = cli("filter", data, "--manifest", manifest)
+    assert again.code == 0 and "is up to date" in again.out
+    assert (data / "filtered.parquet").stat().st_mtime_ns == written
+    # Another setting, new photo records, or a changed manifest: filtered again.
+    assert _filter(cli, data, "--manifest", manifest, "--min-words", "8")["kept"] == 0
+    write_metadata(data, _many(45))
+    assert _filter(cli, data, "--manifest", manifest)["input"] == 45 > first["input"]
+    before = _kept(data)["label"]
+    write_manifest(manifest, {anp: -score for anp, score in SCORES.items()})  # same path
+    _filter(cli, data, "--manifest", manifest)
+    after = _kept(data)["label"]
+    assert len(after) == len(before) > 0 and (after == 1 - before).all()

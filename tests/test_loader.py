@@ -19,7 +19,7 @@ from shardkit import write_shard_set
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vsotools.core.errors import VsoError
-from vsotools.shards.format import read_manifest, shard_urls
+from vsotools.shards.format import ShardError, read_manifest, shard_urls
 from vsotools.training.loader import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -33,6 +33,7 @@ from vsotools.training.loader import (
     crop_boxes,
     is_validation,
     make_loader,
+    raise_errors,
     read_samples,
     share,
     split_shards,
@@ -58,7 +59,7 @@ def keys_of(root: Path, split: str) -> list[str]:
 
 
 def text_decoder(train: bool = False) -> SampleDecoder:
-    return SampleDecoder(vocab=Vocabulary(["the"], True), max_words=8, crop_size=None, train=train)
+    return SampleDecoder(text=Vocabulary(["the"], True), max_tokens=8, crop_size=None, train=train)
 
 
 def test_split_by_rank_and_worker_is_a_partition_every_epoch():
@@ -150,7 +151,7 @@ def test_validation_carve_is_deterministic_and_disjoint(shard_set):
 
 def test_decoded_training_images_are_uint8_crops_and_texts_are_padded_ids(shard_set):
     vocab = Vocabulary(["happy", "sad", "the"], lowercase=True)
-    decoder = SampleDecoder(vocab=vocab, max_words=6, crop_size=64, train=True, scale_jitter=0.2)
+    decoder = SampleDecoder(text=vocab, max_tokens=6, crop_size=64, train=True, scale_jitter=0.2)
     stream = ShardStream(
         shards_of(shard_set, "test"), decoder, batch_size=10, num_workers=1, steps=2, seed=1
     )
@@ -168,7 +169,7 @@ def test_evaluation_crop_is_the_centre_and_does_not_flip():
     buffer = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
     sample = {"__key__": "k", "cls": b"1", "jpg": buffer.getvalue()}
-    decoder = SampleDecoder(vocab=None, max_words=4, crop_size=64, train=False)
+    decoder = SampleDecoder(text=None, max_tokens=4, crop_size=64, train=False)
     crop = decoder(sample, random.Random(0))["image"]
     np.testing.assert_array_equal(crop, pixels[4:68, 8:72].astype(np.uint8))
 
@@ -178,7 +179,7 @@ def test_larger_images_give_the_crop_of_the_decode_side():
     give the same evaluation crop, resized: the model sees what it was trained on."""
     rng = np.random.default_rng(1)
     small = Image.fromarray(rng.integers(0, 256, size=(16, 20, 3), dtype=np.uint8))
-    decoder = SampleDecoder(vocab=None, max_words=4, crop_size=112, train=False)
+    decoder = SampleDecoder(text=None, max_tokens=4, crop_size=112, train=False)
     crops = []
     for side in (128, 150):  # 150: no DCT scale brings it to 128
         image = small.resize((side * 20 // 16, side), Image.Resampling.BILINEAR)
@@ -204,14 +205,17 @@ def test_a_bad_image_names_its_shard_and_key(tmp_path):
     path = tmp_path / "train-000000.tar"
     with wds.TarWriter(str(path)) as sink:
         sink.write({"__key__": "77", "jpg": b"not a jpeg", "txt": b"x", "cls": b"0"})
-    decoder = SampleDecoder(vocab=None, max_words=4, crop_size=64, train=False)
+    decoder = SampleDecoder(text=None, max_tokens=4, crop_size=64, train=False)
     stream = ShardStream([Shard(str(path), 1)], decoder, batch_size=1)
-    with pytest.raises(LoaderError, match=r"train-000000.tar: sample 77"):
-        next(iter(stream))
+    # Decoded in a loader worker process, the error still arrives as one line.
+    with pytest.raises(LoaderError) as raised:
+        list(raise_errors(make_loader(stream, 1, pin_memory=False)))
+    assert str(raised.value).startswith(f"{path}: sample 77: not_an_image")
+    assert "\n" not in str(raised.value)
 
 
-def test_a_missing_shard_is_a_loader_error(tmp_path):
-    with pytest.raises(LoaderError, match="shard not found"):
+def test_a_missing_shard_is_a_shard_error(tmp_path):
+    with pytest.raises(ShardError, match="shard not found"):
         list(read_samples([Shard(str(tmp_path / "train-000009.tar"), 1)]))
 
 
@@ -268,8 +272,8 @@ def test_gpu_decode_boxes_crop_what_the_cpu_path_crops(side, crop):
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
     sample = {"__key__": "k", "cls": b"0", "jpg": buffer.getvalue()}
-    cpu = SampleDecoder(vocab=None, max_words=4, crop_size=crop, train=False)
-    gpu = SampleDecoder(vocab=None, max_words=4, crop_size=crop, train=False, gpu_decode=True)
+    cpu = SampleDecoder(text=None, max_tokens=4, crop_size=crop, train=False)
+    gpu = SampleDecoder(text=None, max_tokens=4, crop_size=crop, train=False, gpu_decode=True)
     expected = torch.from_numpy(np.array(cpu(sample, random.Random(0))["image"]))
     expected = expected.permute(2, 0, 1).float()
     box = gpu(sample, random.Random(0))["box"]
@@ -310,8 +314,8 @@ def test_the_tar_reader_agrees_with_webdataset(tmp_path, tar_format):
     assert [sorted(s) for s in without_images] == [["__key__", "__url__", "cls", "txt"]] * 3
 
 
-def test_a_corrupt_shard_is_a_loader_error(tmp_path):
+def test_a_corrupt_shard_is_a_shard_error(tmp_path):
     path = tmp_path / "train-000000.tar"
     path.write_bytes(b"x" * 2048)
-    with pytest.raises(LoaderError, match=r"train-000000.tar: cannot read the shard \(not a tar"):
+    with pytest.raises(ShardError, match=r"train-000000.tar: cannot read the shard \(not a tar"):
         list(read_samples([Shard(str(path), 1)]))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ from vsotools.core.config import load_recipe
 from vsotools.core.images import encode_jpeg
 from vsotools.demo import corpus
 from vsotools.training.checkpoint import load_checkpoint
+from vsotools.training.evaluate import predict
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +120,7 @@ def test_changed_training_settings_on_a_finished_run_are_refused(pairs_recipe, f
     workdir, _ = finished
     result = cli("run", pairs_recipe, "--workdir", workdir, "--set", "train.lr=0.5")
     assert result.code == 1
-    assert "holds a finished text run with other training settings" in result.err
+    assert "holds a finished text training made from other settings" in result.err
 
 
 def test_checkpoints_evaluate_on_a_held_out_pairs_file(pairs_recipe, finished, cli, tmp_path):
@@ -140,9 +145,138 @@ def test_checkpoints_evaluate_on_a_held_out_pairs_file(pairs_recipe, finished, c
     splits = json.loads((shards / "manifest.json").read_text())["splits"]
     assert sum(shard["samples"] for shard in splits["test"]) == 40
     assert not splits.get("train")
+    held = [json.loads(line) for line in (held_out / "pairs.jsonl").read_text().splitlines()]
     for model in ("text", "image", "fusion"):
         checkpoint = workdir / f"train-{model}" / "checkpoint.pt"
         result = cli("evaluate", "--checkpoint", checkpoint, "--shards", shards, "--json")
         assert result.code == 0, result.err
         metrics = json.loads(result.out)
-        assert metrics["n"] == 40 and 0.0 <= metrics["accuracy"] <= 1.0
+        # Scoring the shards agrees with predicting every pair on its own, from its file.
+        right = sum(
+            predict(checkpoint, image=pair["image"], text=pair["text"], device="cpu").label
+            == pair["label"]
+            for pair in held
+        )
+        assert metrics["n"] == 40 and metrics["accuracy"] == right / 40
+
+
+RETRY_RECIPE = """
+name = "retried"
+
+[fetch]
+pairs = "pairs.jsonl"
+allowed_hosts = ["127.0.0.1:{port}"]
+download_retries = 0
+
+[filter]
+min_words = 1
+
+[shard]
+image_size = 72
+maxcount = 40
+readers = 1
+
+[train]
+batch_size = 16
+epochs = 1
+word_dim = 8
+num_filters = 4
+workers = 1
+w2v_epochs = 1
+
+[run]
+models = ["text"]
+"""
+
+
+@contextlib.contextmanager
+def image_host(images: dict[str, bytes], missing: set[str]):
+    """A real HTTP server on 127.0.0.1 serving ``images`` by name, 404 for names in ``missing``
+    (a set the test may empty later)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            name = self.path.lstrip("/")
+            if name not in images or name in missing:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(images[name])))
+            self.end_headers()
+            self.wfile.write(images[name])
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_new_images_and_edited_inputs_reach_every_stage(cli, tmp_path):
+    """Bug: after `fetch --retry-failed` brought more images, `run` skipped filter (it compared
+    only recipe sections), so the filter and the shards silently stayed at the old data; the
+    same when the pairs file was edited in place. Every stage now follows its inputs."""
+    rng = random.Random(8)
+    images, lines = {}, []
+    for i in range(150):
+        label = i % 2
+        images[f"{i}.jpg"] = encode_jpeg(corpus.draw_image(rng, label))
+        words = corpus._POSITIVE_WORDS if label else corpus._NEGATIVE_WORDS
+        lines.append({"id": f"p{i}", "text": f"a {rng.choice(words)} day", "label": label})
+    missing = {f"{i}.jpg" for i in range(0, 150, 5)}  # 30 images not served at first
+    work = tmp_path / "work"
+    with image_host(images, missing) as port:
+        for line in lines:
+            line.update(
+                image=f"http://127.0.0.1:{port}/{line['id'][1:]}.jpg",
+                label=("positive" if line["label"] else "negative"),
+            )
+        pairs = tmp_path / "pairs.jsonl"
+        pairs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        recipe = tmp_path / "retried.toml"
+        recipe.write_text(RETRY_RECIPE.replace("{port}", str(port)))
+
+        first = cli("run", recipe, "--workdir", work, "--json")
+        assert first.code == 0, first.err
+        assert json.loads((work / "data" / "filter-report.json").read_text())["kept"] == 120
+        assert _samples(work / "shards") == 120
+
+        missing.clear()
+        retried = cli("fetch", "--out", work / "data", "--retry-failed")
+        assert retried.code == 0, retried.err
+        assert "downloaded 150" in retried.out
+
+        second = cli("run", recipe, "--workdir", work)
+        assert json.loads((work / "data" / "filter-report.json").read_text())["kept"] == 150
+        assert _samples(work / "shards") == 150
+        # The model trained on 120 photos is stale now: refused, named, kept.
+        assert second.code == 1
+        assert f"{work / 'train-text'} holds a finished text training" in second.err
+        assert (work / "train-text" / "checkpoint.pt").is_file()
+        shutil.rmtree(work / "train-text")
+        third = cli("run", recipe, "--workdir", work, "--json")
+        assert third.code == 0, third.err
+        assert json.loads(third.out)["results"]["text"]["n"] == _samples(work / "shards", "test")
+
+        # The pairs file edited in place (every label flipped) is noticed, not trained on.
+        flipped = [
+            {**line, "label": "negative" if line["label"] == "positive" else "positive"}
+            for line in lines
+        ]
+        pairs.write_text("".join(json.dumps(line) + "\n" for line in flipped))
+        fourth = cli("run", recipe, "--workdir", work)
+        assert fourth.code == 1
+        assert f"{pairs} when its sha256 was" in fourth.err and "has changed since" in fourth.err
+
+
+def _samples(shards: Path, split: str | None = None) -> int:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    splits = [split] if split else list(manifest["splits"])
+    return sum(s["samples"] for name in splits for s in manifest["splits"].get(name, []))

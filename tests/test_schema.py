@@ -5,6 +5,7 @@ from __future__ import annotations
 import typing
 
 import pyarrow as pa
+import pyarrow.parquet
 import pytest
 
 from vsotools.core import schema
@@ -44,6 +45,28 @@ def test_sample_keys_are_safe(photo_id, key):
     assert schema.sample_key(photo_id) == key
 
 
-def test_labels():
-    assert schema.LABEL_NAMES[schema.NEGATIVE] == "negative"
-    assert schema.LABEL_NAMES[schema.POSITIVE] == "positive"
+def test_every_photo_field_is_either_given_by_the_source_or_filled_by_the_fetch():
+    given = {"photo_id", "anps", *schema.PHOTO_SOURCE_FIELDS}
+    filled = set(schema.PHOTO_OUTCOME_FIELDS)
+    assert not given & filled
+    assert given | filled == set(schema.PHOTO_SCHEMA.names)
+
+
+def test_a_record_the_store_keeps_round_trips_its_source_fields(tmp_path):
+    """The fetch store keeps exactly the source fields of a record (nothing else leaks in)."""
+    from vsotools.fetch.store import Store
+
+    record = {name: f"v-{name}" for name in schema.PHOTO_SOURCE_FIELDS}
+    record.update(source="pairs", date_upload=1, label="positive", extra="not a field")
+    with Store(tmp_path, part_size=10) as store:
+        store.add_pairs([("p1", record, None)])
+        (photo,) = list(store.pending())
+        from vsotools.fetch.download import Outcome
+
+        store.save_outcome(photo, Outcome.failed("missing_file"))
+        store.write_parts()
+    table = pa.parquet.read_table(tmp_path / "metadata" / "part-00000.parquet")
+    (row,) = table.to_pylist()
+    assert {k: row[k] for k in schema.PHOTO_SOURCE_FIELDS} == {
+        k: v for k, v in record.items() if k != "extra"
+    }

@@ -32,7 +32,7 @@ from PIL import Image
 from shard_inputs import make_dataset, write_filtered
 
 from vsotools.cli import build_parser
-from vsotools.core.config import Recipe, load_recipe
+from vsotools.core.config import Recipe, load_recipe, write_recipe
 from vsotools.core.schema import (
     LABEL_NAMES,
     SAMPLE_CLASS,
@@ -43,9 +43,12 @@ from vsotools.core.schema import (
     SAMPLE_TEXT,
     sample_key,
 )
-from vsotools.shards import stage as shards
+from vsotools.dataset.folder import DatasetFolder
+from vsotools.shards import plan
 from vsotools.shards.format import MANIFEST_NAME, read_manifest, shard_urls
+from vsotools.shards.stage import write_shards
 from vsotools.shards.verify import verify_shards
+from vsotools.shards.write import MISSING_IMAGE
 
 IMAGE_SIZE = 64
 
@@ -88,32 +91,32 @@ def _sha256(path: Path) -> str:
 
 def test_every_stretch_of_the_order_is_a_fair_mix_of_labels():
     labels = [1] * 700 + [0] * 300  # sorted by label, as the worst input would be
-    order = shards.order_split(labels, random.Random(5))
+    order = plan.order_split(labels, random.Random(5))
     assert sorted(order) == list(range(1000))
-    for run in shards.cut_balanced(order, 13):
+    for run in plan.cut_balanced(order, 13):
         positives = sum(labels[i] for i in run)
         assert abs(positives - 0.7 * len(run)) <= 2
-    assert order == shards.order_split(labels, random.Random(5))
-    assert order != shards.order_split(labels, random.Random(6))
+    assert order == plan.order_split(labels, random.Random(5))
+    assert order != plan.order_split(labels, random.Random(6))
 
 
 def test_shards_mix_anps_and_owners_that_arrive_grouped():
     # 20 ANPs x 50 photos, arriving one ANP at a time: every shard draws from most ANPs.
     anps = [a for a in range(20) for _ in range(50)]
-    order = shards.order_split([0] * len(anps), random.Random(1))
-    for run in shards.cut_balanced(order, 10):
+    order = plan.order_split([0] * len(anps), random.Random(1))
+    for run in plan.cut_balanced(order, 10):
         assert len({anps[i] for i in run}) >= 15
 
 
 def test_shard_counts_and_balanced_cuts():
-    assert shards.shard_count(0, 10) == 0
-    assert shards.shard_count(95, 10) == 10
-    assert shards.shard_count(30, 2000, at_least=8) == 8
-    assert shards.shard_count(5, 2000, at_least=8) == 5
-    runs = shards.cut_balanced(list(range(95)), 10)
+    assert plan.shard_count(0, 10) == 0
+    assert plan.shard_count(95, 10) == 10
+    assert plan.shard_count(30, 2000, at_least=8) == 8
+    assert plan.shard_count(5, 2000, at_least=8) == 5
+    runs = plan.cut_balanced(list(range(95)), 10)
     assert [len(r) for r in runs] == [10] * 5 + [9] * 5
     assert [i for r in runs for i in r] == list(range(95))
-    assert shards.cut_balanced([], 0) == []
+    assert plan.cut_balanced([], 0) == []
 
 
 # --- a written set, read back -------------------------------------------------------------------
@@ -333,7 +336,7 @@ def test_missing_and_corrupt_images_are_left_out_and_reported(cli, tmp_path):
     assert "left out 2 photos" in result.out
     manifest = read_manifest(out)
     skipped = {entry["photo_id"]: entry["reason"] for entry in manifest.skipped}
-    assert skipped[records[5]["photo_id"]] == shards.MISSING_IMAGE
+    assert skipped[records[5]["photo_id"]] == MISSING_IMAGE
     assert skipped[records[9]["photo_id"]] in ("truncated", "not_an_image")
     assert sum(manifest.samples(split) for split in manifest.splits) == 58
     assert verify_shards(out).ok
@@ -374,7 +377,7 @@ def test_input_that_cannot_become_samples_is_refused(cli, tmp_path, change, mess
 def test_missing_input_and_bad_output_location_fail_with_one_line(cli, data, tmp_path):
     missing = cli("shard", tmp_path / "nowhere", "--out", tmp_path / "set")
     assert missing.code == 1
-    assert "filtered.parquet not found: run `vsotools filter" in missing.err
+    assert "filtered.parquet not found: filter the dataset" in missing.err
     root, _ = data
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -391,7 +394,7 @@ def test_a_dataset_without_test_photos_makes_a_train_only_set(tmp_path):
     records = [r for r in pq.read_table(root / "filtered.parquet").to_pylist()]
     write_filtered(root, [r for r in records if r["split"] == "train"])
     recipe = Recipe().override({"shard.image_size": 32, "shard.workers": 1, "shard.readers": 2})
-    report = shards.write_shards(recipe, root, tmp_path / "set")
+    report = write_shards(recipe, root, tmp_path / "set")
     assert list(report.splits) == ["train"] and report.splits["train"].samples == 11
     assert list(read_manifest(tmp_path / "set").splits) == ["train"]
 
@@ -401,7 +404,7 @@ def test_maxsize_bounds_shard_bytes(data, tmp_path):
     recipe = Recipe().override(
         {"shard.image_size": IMAGE_SIZE, "shard.maxsize": 60_000, "shard.workers": 1}
     )
-    report = shards.write_shards(recipe, root, tmp_path / "set")
+    report = write_shards(recipe, root, tmp_path / "set")
     manifest = read_manifest(tmp_path / "set")
     sizes = [s.bytes for split in manifest.splits for s in manifest.shards(split)]
     assert len(sizes) > 8 and max(sizes) <= 60_000
@@ -411,7 +414,7 @@ def test_maxsize_bounds_shard_bytes(data, tmp_path):
 def test_too_few_train_shards_for_the_readers_is_warned(data, tmp_path, caplog):
     root, _ = data
     recipe = Recipe().override({"shard.image_size": 32, "shard.readers": 500, "shard.workers": 1})
-    report = shards.write_shards(recipe, root, tmp_path / "set")
+    report = write_shards(recipe, root, tmp_path / "set")
     assert report.splits["train"].shards == report.splits["train"].samples == 176
     assert any("only 176 train shards for shard.readers=500" in w for w in report.warnings)
     assert "some readers would get no shard" in caplog.text
@@ -420,7 +423,7 @@ def test_too_few_train_shards_for_the_readers_is_warned(data, tmp_path, caplog):
 def test_the_progress_bar_counts_samples_and_shards(data, tmp_path, capsys):
     root, records = data
     recipe = Recipe().override({"shard.image_size": 32, "shard.maxcount": 50, "shard.workers": 2})
-    report = shards.write_shards(recipe, root, tmp_path / "set", progress=True)
+    report = write_shards(recipe, root, tmp_path / "set", progress=True)
     bar = capsys.readouterr().err
     total = sum(s.shards for s in report.splits.values())
     assert f"{len(records)}/{len(records)}" in bar and f"shards {total}/{total}" in bar
@@ -530,7 +533,7 @@ def test_real_mvsa_photos_make_a_valid_set(shared_data, tmp_path):
     (root / "images").symlink_to(shared_data / "mvsa-dev" / "images")
     write_filtered(root, records)
     recipe = Recipe().override({"shard.image_size": 128, "shard.workers": 2, "shard.readers": 4})
-    report = shards.write_shards(recipe, root, tmp_path / "set")
+    report = write_shards(recipe, root, tmp_path / "set")
     written = sum(s.samples for s in report.splits.values())
     assert written + len(report.skipped) == 150 and len(report.skipped) <= 1
     assert report.splits["train"].shards == 4
@@ -682,3 +685,40 @@ def test_the_cli_imports_no_heavy_stage_module():
     code = "import sys, vsotools.cli; print(sorted({'nltk', 'pandas', 'torch', 'gensim'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_without_a_recipe_shard_follows_the_recipe_the_dataset_was_filtered_with(cli, tmp_path):
+    """Bug: `vsotools shard DATA --out S` loaded no recipe and wrote the built-in VSO settings
+    into S/recipe.toml and the manifest, whatever recipe DATA was made with."""
+    root = tmp_path / "data"
+    make_dataset(root, 30, seed=3)
+    filtered_with = Recipe().override(
+        {"name": "mvso-en", "anps.pos_threshold": 0.16, "shard.image_size": 48, "shard.readers": 2}
+    )
+    write_recipe(filtered_with, DatasetFolder(root).recipe_file("filter"))
+    result = cli("shard", root, "--out", tmp_path / "set", "--maxcount", "10")
+    assert result.code == 0, result.err
+    written = load_recipe(tmp_path / "set" / "recipe.toml")
+    assert written.name == "mvso-en" and written.anps.pos_threshold == 0.16
+    assert (written.shard.image_size, written.shard.maxcount) == (48, 10)
+    manifest = read_manifest(tmp_path / "set")
+    assert manifest.recipe["name"] == "mvso-en"
+    assert manifest.build["settings"]["image_size"] == 48
+    with tarfile.open(tmp_path / "set" / manifest.shards("train")[0].name) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        with Image.open(tar.extractfile(member)) as image:
+            assert min(image.size) == 48
+
+
+def test_a_shard_over_maxsize_is_warned_about(cli, tmp_path):
+    """Shards are planned from measured sample sizes; a shard that still exceeds maxsize (here a
+    maxsize below the size of any one sample) is named in a warning, not passed over."""
+    root = tmp_path / "data"
+    make_dataset(root, 12, seed=4)
+    result = cli("shard", root, "--out", tmp_path / "set", "--maxsize", "2kB", "--readers", "1")
+    assert result.code == 0, result.err
+    manifest = read_manifest(tmp_path / "set")
+    shards = [info for infos in manifest.splits.values() for info in infos]
+    assert all(info.samples == 1 and info.bytes > 2000 for info in shards)
+    for info in shards:
+        assert f"{info.name} has {info.bytes:,} bytes, over maxsize 2,000" in result.err
