@@ -18,6 +18,7 @@ import fnmatch
 import hashlib
 import logging
 import math
+import re
 import threading
 import time
 import urllib.request
@@ -28,6 +29,8 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 from vsotools import __version__
 from vsotools.core.config import FetchConfig
@@ -59,6 +62,11 @@ _MAX_REDIRECTS = 5
 _CHUNK = 1 << 16
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp"}
 _ACCEPTED_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
+# Characters that parsers read differently: urllib.parse ends the host at a backslash (as
+# browsers do) while urllib3 keeps it in the path, so "http://a\\@b/" is host b to one and a to
+# the other. Spaces and control characters are dropped by one parser and not another. No image
+# URL needs any of them.
+_AMBIGUOUS = re.compile(r"[\\\s\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -160,14 +168,65 @@ def read_local_image(path: Path, settings: DownloadSettings) -> Outcome:
 
 
 def host_allowed(url: str, patterns: Iterable[str]) -> bool:
-    """Whether the URL's host (``host`` or ``host:port``) matches one of the glob patterns."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    with_port = f"{host}:{parts.port}" if parts.port else host
+    """Whether the host a request for ``url`` connects to (``host`` or ``host:port``) matches one
+    of the glob patterns; False for a URL that ``Downloader`` refuses as ``bad_url``."""
+    try:
+        host, port = _target(_prepare(url))
+    except _Refused:
+        return False
+    return _host_matches(host, port, patterns)
+
+
+def _host_matches(host: str, port: int | None, patterns: Iterable[str]) -> bool:
+    with_port = f"{host}:{port}" if port else host
     return any(
         fnmatch.fnmatchcase(host, p.lower()) or fnmatch.fnmatchcase(with_port, p.lower())
         for p in patterns
     )
+
+
+class _Refused(Exception):
+    """A URL that is not contacted; ``reason`` is ``bad_url`` or ``host_not_allowed``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _prepare(url: str, session: requests.Session | None = None) -> requests.PreparedRequest:
+    """The GET request for ``url`` as the HTTP client sends it (normalised, percent-encoded)."""
+    if _AMBIGUOUS.search(url):
+        raise _Refused(BAD_URL, f"backslash, space or control character in {url[:200]!r}")
+    request = requests.Request("GET", url)
+    try:
+        return session.prepare_request(request) if session else request.prepare()
+    except (requests.RequestException, ValueError) as exc:  # InvalidURL, MissingSchema, IDNA
+        raise _Refused(BAD_URL, f"{url[:200]!r}: {exc}") from None
+
+
+def _target(request: requests.PreparedRequest) -> tuple[str, int | None]:
+    """The host (lower case) and written port that ``request`` connects to.
+
+    The prepared URL is read twice, as urllib3 reads it to connect and as requests' adapter reads
+    it (urllib.parse) to pick a connection pool; a URL the two read differently, one that is not
+    http(s), has no host or carries a user name (``user@host``, a classic way to disguise the
+    host) is refused as ``bad_url``.
+    """
+    url = request.url or ""
+    try:
+        sent, pooled = parse_url(url), urlsplit(url)
+        pooled_port = pooled.port
+    except (LocationParseError, ValueError):  # ValueError: a port out of range
+        raise _Refused(BAD_URL, url[:200]) from None
+    if sent.scheme not in ("http", "https") or not sent.host:
+        raise _Refused(BAD_URL, f"not an http(s) URL with a host: {url[:200]!r}")
+    if sent.auth is not None or "@" in pooled.netloc:
+        raise _Refused(BAD_URL, f"user name in the host part of {url[:200]!r}")
+    host = sent.host.lower().strip("[]")
+    if (sent.scheme, host, sent.port) != (pooled.scheme, pooled.hostname, pooled_port):
+        raise _Refused(BAD_URL, f"the host of {url[:200]!r} reads differently to each parser")
+    return host, sent.port
 
 
 class _Transient(Exception):
@@ -194,9 +253,6 @@ class Downloader:
 
     def get(self, url: str) -> Outcome:
         """Fetch ``url`` with retries and check it; never raises for network or image faults."""
-        problem = self._refuse(url)
-        if problem:
-            return problem
         for attempt in range(self.settings.retries + 1):
             try:
                 return self._fetch_once(url)
@@ -224,13 +280,13 @@ class Downloader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _refuse(self, url: str) -> Outcome | None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            return Outcome.failed(BAD_URL, url[:200])
-        if not host_allowed(url, self.settings.allowed_hosts):
-            return Outcome.failed(HOST_NOT_ALLOWED, parts.hostname)
-        return None
+    def _checked(self, session: requests.Session, url: str) -> requests.PreparedRequest:
+        """The request for ``url`` as it is sent, once the host it connects to is allowed."""
+        request = _prepare(url, session)
+        host, port = _target(request)
+        if not _host_matches(host, port, self.settings.allowed_hosts):
+            raise _Refused(HOST_NOT_ALLOWED, f"{host}:{port}" if port else host)
+        return request
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
@@ -251,15 +307,19 @@ class Downloader:
     def _fetch_once(self, url: str) -> Outcome:
         session = self._session()
         for _ in range(_MAX_REDIRECTS + 1):
+            # Each hop is checked as the request that is sent, not as the text of the URL: the
+            # host the connection goes to is the one allowed.
             try:
-                with session.get(
-                    url, timeout=self.settings.timeout, stream=True, allow_redirects=False
+                request = self._checked(session, url)
+            except _Refused as refused:
+                return Outcome.failed(refused.reason, refused.detail)
+            environment = session.merge_environment_settings(request.url, {}, True, None, None)
+            try:
+                with session.send(
+                    request, timeout=self.settings.timeout, allow_redirects=False, **environment
                 ) as response:
                     if response.status_code in _REDIRECTS and "Location" in response.headers:
-                        url = urljoin(url, response.headers["Location"])
-                        problem = self._refuse(url)
-                        if problem:
-                            return problem
+                        url = urljoin(request.url or url, response.headers["Location"])
                         continue
                     return self._read(response)
             except requests.Timeout as exc:
