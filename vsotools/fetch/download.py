@@ -4,6 +4,8 @@
 facts of the bytes as served (sha256, size, width, height), or the reason it was rejected. It is
 called from many threads at once; each thread keeps its own ``requests`` session, whose connection
 pool reuses connections to each host. ``check_image`` is the same gate for images read from disk.
+Every decode, by any thread, takes its pixels from one budget (``DownloadSettings.decode_pixels``),
+so the memory of decoding does not grow with the number of threads.
 
 Failure reasons (the ``error`` of a photo record): ``http_<status>`` (``http_404``, ``http_410``,
 ``http_429`` or ``http_5xx`` after the retries), ``timeout``, ``connection_error``, ``truncated``
@@ -15,9 +17,9 @@ Failure reasons (the ``error`` of a photo record): ``http_<status>`` (``http_404
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import logging
-import math
 import re
 import threading
 import time
@@ -40,9 +42,8 @@ from vsotools.core.images import (
     TRUNCATED,
     ImageLimits,
     ImageRejected,
-    encode_jpeg,
-    fit_longest_side,
-    load_rgb,
+    PixelBudget,
+    fit_jpeg,
     validate_image,
 )
 from vsotools.core.ratelimit import backoff_delay
@@ -83,6 +84,9 @@ class DownloadSettings:
     jpeg_quality: int = 90
     allowed_hosts: tuple[str, ...] = ("*",)
     user_agent: str = f"vsotools/{__version__}"
+    decode_pixels: int = ImageLimits.max_pixels
+    """Most pixels decoded at once by all the threads that check images with these settings
+    (about 4 bytes each); an image larger than this is decoded alone."""
 
     @classmethod
     def from_config(cls, config: FetchConfig, extra_hosts: Iterable[str] = ()) -> DownloadSettings:
@@ -97,6 +101,9 @@ class DownloadSettings:
             max_side=config.max_side,
             jpeg_quality=config.jpeg_quality,
             allowed_hosts=(*config.allowed_hosts, *extra_hosts),
+            # One image of the largest size allowed at a time: the decodes' memory no longer
+            # grows with download_concurrency (32 x 40 Mpx would be 5 GB).
+            decode_pixels=config.max_pixels,
         )
 
 
@@ -128,23 +135,24 @@ class Outcome:
 
 def check_image(served: bytes, settings: DownloadSettings) -> Outcome:
     """Validate served bytes and prepare what is stored (downscaled when the settings ask)."""
+    budget = _decode_budget(max(1, settings.decode_pixels))
     try:
-        info = validate_image(served, settings.limits)
+        info = validate_image(served, settings.limits, budget)
     except ImageRejected as rejected:
         return Outcome.failed(rejected.reason, str(rejected))
     digest = hashlib.sha256(served).hexdigest()
     data, ext = served, _EXTENSIONS.get(info.format, "img")
     if settings.max_side and max(info.width, info.height) > settings.max_side:
-        shorter = math.ceil(
-            settings.max_side * min(info.width, info.height) / max(info.width, info.height)
-        )
         try:
-            image = load_rgb(
-                served, shorter_side_at_least=shorter, max_pixels=settings.limits.max_pixels
+            data = fit_jpeg(
+                served,
+                settings.max_side,
+                quality=settings.jpeg_quality,
+                max_pixels=settings.limits.max_pixels,
+                budget=budget,
             )
         except ImageRejected as rejected:
             return Outcome.failed(rejected.reason, str(rejected))
-        data = encode_jpeg(fit_longest_side(image, settings.max_side), settings.jpeg_quality)
         ext = "jpg"
     return Outcome(
         data=data,
@@ -154,6 +162,13 @@ def check_image(served: bytes, settings: DownloadSettings) -> Outcome:
         width=info.width,
         height=info.height,
     )
+
+
+@functools.cache
+def _decode_budget(pixels: int) -> PixelBudget:
+    # One budget per process and size, not per Downloader: memory is the process's, and the
+    # threads that read local files (read_local_image) decode beside the downloading ones.
+    return PixelBudget(pixels)
 
 
 def read_local_image(path: Path, settings: DownloadSettings) -> Outcome:
