@@ -21,6 +21,12 @@ its ``anps``. Results are sorted by upload date (newest first by default), ties 
 HTML body) or a dropped connection, a fraction of API calls with the transient codes 201/105/10,
 a fixed fraction of photos whose image is served truncated or as an HTML page (always the same
 photos, chosen by hash), and latency added to every response.
+
+Hostile clients get an answer, never a dropped connection or a stuck thread: a malformed
+Content-Length is answered 400, a body over 1 MiB 413, a client that stops sending 408 (after
+``client_timeout`` seconds); unreadable dates are ignored, as Flickr ignores them; a
+``jsoncallback`` that is not a JavaScript name is left out; and only files inside the corpus folder
+are served.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -54,6 +61,10 @@ RESULT_CAP = 4000
 DEFAULT_PER_PAGE = 100
 MAX_PER_PAGE = 500
 DEFAULT_INVALID_KEY = "invalid-key"
+DEFAULT_CLIENT_TIMEOUT = 60.0
+"""Seconds a client may leave a connection silent (mid-request or between requests)."""
+MAX_BODY = 1 << 20
+"""Most bytes of a request body read; flickrapi's signed POSTs are well under 10 KB."""
 
 HTTP_429_BODY = (
     b"<html><body><h1>429 Too Many Requests</h1>\n"
@@ -151,6 +162,7 @@ class CorpusPhoto:
     datetaken: str
     anps: tuple[str, ...]
     image: Path
+    """Absolute, symlinks resolved, inside the corpus folder (``load_corpus`` checks it)."""
     secret: str
     server: str
     farm: int
@@ -223,10 +235,10 @@ def _corpus_photo(folder: Path, path: Path, lineno: int, raw: Mapping[str, Any])
         dateupload=dateupload,
         datetaken=text("datetaken", "1970-01-01 00:00:00"),
         anps=tuple(query_key(a) for a in anps),
-        image=folder / text("image"),
+        image=_image_path(folder, path, lineno, text("image")),
         secret=text("secret", digest[:10]),
         server=text("server", "65535"),
-        farm=int(raw.get("farm", 66)),
+        farm=_farm(path, lineno, raw.get("farm", 66)),
     )
     try:
         with Image.open(photo.image) as image:
@@ -241,6 +253,28 @@ def _corpus_photo(folder: Path, path: Path, lineno: int, raw: Mapping[str, Any])
         if bound == 0 or bound <= _ALWAYS_OFFERED or (longest and longest >= bound)
     )
     return photo
+
+
+def _image_path(folder: Path, path: Path, lineno: int, name: str) -> Path:
+    """The image file, symlinks resolved; refused unless it lies inside the corpus folder (the
+    server must not hand out /etc/passwd because a corpus line names it)."""
+    try:
+        resolved = (folder / name).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL in the name
+        raise CorpusError(f"{path}:{lineno}: image {name!r} cannot be resolved: {exc}") from None
+    if not resolved.is_relative_to(folder.resolve()):
+        raise CorpusError(
+            f"{path}:{lineno}: image {name!r} is outside the corpus folder {folder}"
+            " (symlinks resolved)"
+        )
+    return resolved
+
+
+def _farm(path: Path, lineno: int, value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise CorpusError(f"{path}:{lineno}: 'farm' must be a whole number") from None
 
 
 class Corpus:
@@ -283,10 +317,18 @@ def _json_text(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":")).replace("/", "\\/")
 
 
+# A JavaScript name, dotted names allowed (``jQuery.cb``); anything else could run as script in
+# the page that loads the answer, and is left out.
+_CALLBACK = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*(?:\.[A-Za-z_$][A-Za-z0-9_$]*)*")
+_MAX_CALLBACK = 100
+
+
 def _render(payload: Mapping[str, Any], params: Mapping[str, str], xml_body: str) -> Response:
     if params.get("format") == "json":
         text = _json_text(payload)
-        callback = params.get("jsoncallback")
+        callback = params.get("jsoncallback", "")
+        if len(callback) > _MAX_CALLBACK or not _CALLBACK.fullmatch(callback):
+            callback = ""
         if params.get("nojsoncallback") in ("1", "true") and not callback:
             return Response(200, text.encode(), "application/json; charset=utf-8")
         return Response(
@@ -547,7 +589,7 @@ def _timestamp(value: str) -> int | None:
     value = value.strip()
     if not value:
         return None
-    if re.fullmatch(r"-?\d+", value):
+    if re.fullmatch(r"-?[0-9]{1,18}", value):
         return int(value)
     for pattern in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d"):
         with contextlib.suppress(ValueError):
@@ -602,8 +644,10 @@ class FlickrServer(ThreadingHTTPServer):
         faults: Faults = Faults(),
         invalid_key: str = DEFAULT_INVALID_KEY,
         request_log: str | Path | None = None,
+        client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
     ) -> None:
         super().__init__((host, port), _Handler)
+        self.client_timeout = client_timeout
         self.base_url = f"http://{host}:{self.server_address[1]}/"
         self.api_url = f"{self.base_url}services/rest/"
         self.corpus = corpus
@@ -649,31 +693,35 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server: FlickrServer
 
+    def setup(self) -> None:
+        # A client that goes silent (half a request, a body shorter than it declared, an idle
+        # keep-alive connection) gives its thread back after this long.
+        self.timeout = self.server.client_timeout
+        super().setup()
+
     def do_GET(self) -> None:
-        self._handle(b"")
+        self._handle()
 
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        self._handle(self.rfile.read(length) if length else b"")
+        self._handle()
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
-    def _handle(self, body: bytes) -> None:
-        url = urlsplit(self.path)
-        entry: dict[str, Any] = {"t": round(time.time(), 6), "verb": self.command, "path": url.path}
-        if url.path.rstrip("/") == "/services/rest":
-            params = dict(parse_qsl(url.query, keep_blank_values=True))
-            if body:
-                params.update(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
-            entry["method"] = params.get("method", "")
-            entry["params"] = {k: v for k, v in params.items() if k not in ("api_key", "method")}
-            response = self._fault(params) or self.server.api.answer(params, _api_key(self, params))
-        elif match := _IMAGE_PATH.match(url.path):
-            entry["photo_id"] = match["id"]
-            response = self._fault(None) or self._image(match)
+    def _handle(self) -> None:
+        entry: dict[str, Any] = {"t": round(time.time(), 6), "verb": self.command}
+        entry["path"] = self.path[:200]  # the URL's path once it is read
+        body = self._body()
+        if isinstance(body, Response):
+            # Where this request's body ends is unknown, so the connection cannot carry another.
+            self.close_connection = True
+            response = body
         else:
-            response = Response(404, b"", "text/html; charset=utf-8")
+            try:
+                response = self._answer(body, entry)
+            except Exception:  # a bug must still be answered, not end the connection unanswered
+                log.exception("answering %s %s", self.command, self.path[:200])
+                response = Response(500, HTTP_500_BODY, "text/html; charset=utf-8")
         if self.server.faults.latency:
             time.sleep(self.server.faults.latency)
         entry.update(status=response.status, bytes=len(response.body), fault=response.fault)
@@ -684,8 +732,51 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(response.body)
+
+    def _body(self) -> bytes | Response:
+        """The request's body (empty when there is none), or the answer to one that cannot be
+        read."""
+        if "Transfer-Encoding" in self.headers:  # flickrapi always sends a Content-Length
+            return _http_error(411, "send the body with a Content-Length")
+        declared = {value.strip() for value in self.headers.get_all("Content-Length", [])}
+        if not declared:
+            return b""
+        length_text = declared.pop() if len(declared) == 1 else ""  # two lengths: which one?
+        if not re.fullmatch(r"[0-9]+", length_text):
+            return _http_error(400, "Content-Length must be one whole number of bytes")
+        length_text = length_text.lstrip("0") or "0"
+        if len(length_text) > len(str(MAX_BODY)) or int(length_text) > MAX_BODY:
+            return _http_error(413, f"a request body may hold {MAX_BODY} bytes at most")
+        length = int(length_text)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            return _http_error(408, f"the body did not arrive within {self.timeout} s")
+        if len(body) < length:
+            return _http_error(400, "the body ended before its Content-Length")
+        return body
+
+    def _answer(self, body: bytes, entry: dict[str, Any]) -> Response:
+        try:
+            url = urlsplit(self.path)
+        except ValueError:  # an absolute URL with an unreadable host, e.g. "http://[x/"
+            return _http_error(400, "unreadable request target")
+        entry["path"] = url.path
+        if url.path.rstrip("/") == "/services/rest":
+            params = dict(parse_qsl(url.query, keep_blank_values=True))
+            if body:
+                params.update(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+            entry["method"] = params.get("method", "")
+            entry["params"] = {k: v for k, v in params.items() if k not in ("api_key", "method")}
+            return self._fault(params) or self.server.api.answer(params, _api_key(self, params))
+        if match := _IMAGE_PATH.match(url.path):
+            entry["photo_id"] = match["id"]
+            return self._fault(None) or self._image(match)
+        return Response(404, b"", "text/html; charset=utf-8")
 
     def _fault(self, api_params: Mapping[str, str] | None) -> Response | None:
         """A faulty answer for this request, or None; ``api_params`` is None for images."""
@@ -714,6 +805,10 @@ class _Handler(BaseHTTPRequestHandler):
             return Response(404, b"", "text/html; charset=utf-8")
         if self.server.photo_fault("not_image", photo.id):
             return Response(200, NOT_AN_IMAGE_BODY, "text/html; charset=utf-8", fault="not_image")
+        # The corpus holds each image's resolved path, inside the corpus folder; a path that
+        # resolves elsewhere now has had a symlink put in it since the corpus was loaded.
+        if photo.image.resolve() != photo.image:
+            return Response(404, b"", "text/html; charset=utf-8")
         try:
             data = photo.image.read_bytes()
         except OSError:
@@ -721,6 +816,11 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.photo_fault("truncated", photo.id):
             return Response(200, data[: len(data) // 2], photo.mime, fault="truncated")
         return Response(200, data, photo.mime)
+
+
+def _http_error(status: int, why: str) -> Response:
+    body = f"<html><body><h1>{status} {HTTPStatus(status).phrase}</h1>\n{html.escape(why)}\n"
+    return Response(status, f"{body}</body></html>\n".encode(), "text/html; charset=utf-8")
 
 
 def _api_key(handler: BaseHTTPRequestHandler, params: Mapping[str, str]) -> str:
@@ -741,11 +841,18 @@ def make_server(
     faults: Faults = Faults(),
     invalid_key: str = DEFAULT_INVALID_KEY,
     request_log: str | Path | None = None,
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
 ) -> FlickrServer:
     """A bound server over the corpus in ``corpus_dir``; call ``serve_forever`` to run it."""
     corpus = Corpus(load_corpus(corpus_dir))
     return FlickrServer(
-        corpus, host, port, faults=faults, invalid_key=invalid_key, request_log=request_log
+        corpus,
+        host,
+        port,
+        faults=faults,
+        invalid_key=invalid_key,
+        request_log=request_log,
+        client_timeout=client_timeout,
     )
 
 
@@ -758,14 +865,22 @@ def serve(
     faults: Faults = Faults(),
     invalid_key: str = DEFAULT_INVALID_KEY,
     request_log: str | Path | None = None,
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
 ) -> Iterator[str]:
     """Run the server in a background thread; yields its base URL (``http://127.0.0.1:PORT/``).
 
     The REST endpoint is ``BASE + "services/rest/"``. With ``request_log``, every request is
-    appended to that file as one JSON line (method, path, photo id, status, bytes, fault).
+    appended to that file as one JSON line (method, path, photo id, status, bytes, fault). A
+    client silent for ``client_timeout`` seconds is answered 408 or disconnected.
     """
     server = make_server(
-        corpus_dir, host, port, faults=faults, invalid_key=invalid_key, request_log=request_log
+        corpus_dir,
+        host,
+        port,
+        faults=faults,
+        invalid_key=invalid_key,
+        request_log=request_log,
+        client_timeout=client_timeout,
     )
     thread = threading.Thread(
         target=server.serve_forever, args=(0.05,), name="flickr-server", daemon=True

@@ -4,6 +4,8 @@
 facts of the bytes as served (sha256, size, width, height), or the reason it was rejected. It is
 called from many threads at once; each thread keeps its own ``requests`` session, whose connection
 pool reuses connections to each host. ``check_image`` is the same gate for images read from disk.
+Every decode, by any thread, takes its pixels from one budget (``DownloadSettings.decode_pixels``),
+so the memory of decoding does not grow with the number of threads.
 
 Failure reasons (the ``error`` of a photo record): ``http_<status>`` (``http_404``, ``http_410``,
 ``http_429`` or ``http_5xx`` after the retries), ``timeout``, ``connection_error``, ``truncated``
@@ -15,9 +17,10 @@ Failure reasons (the ``error`` of a photo record): ``http_<status>`` (``http_404
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import logging
-import math
+import re
 import threading
 import time
 import urllib.request
@@ -28,6 +31,8 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 from vsotools import __version__
 from vsotools.core.config import FetchConfig
@@ -37,9 +42,8 @@ from vsotools.core.images import (
     TRUNCATED,
     ImageLimits,
     ImageRejected,
-    encode_jpeg,
-    fit_longest_side,
-    load_rgb,
+    PixelBudget,
+    fit_jpeg,
     validate_image,
 )
 from vsotools.core.ratelimit import backoff_delay
@@ -59,6 +63,11 @@ _MAX_REDIRECTS = 5
 _CHUNK = 1 << 16
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp"}
 _ACCEPTED_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
+# Characters that parsers read differently: urllib.parse ends the host at a backslash (as
+# browsers do) while urllib3 keeps it in the path, so "http://a\\@b/" is host b to one and a to
+# the other. Spaces and control characters are dropped by one parser and not another. No image
+# URL needs any of them.
+_AMBIGUOUS = re.compile(r"[\\\s\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,9 @@ class DownloadSettings:
     jpeg_quality: int = 90
     allowed_hosts: tuple[str, ...] = ("*",)
     user_agent: str = f"vsotools/{__version__}"
+    decode_pixels: int = ImageLimits.max_pixels
+    """Most pixels decoded at once by all the threads that check images with these settings
+    (about 4 bytes each); an image larger than this is decoded alone."""
 
     @classmethod
     def from_config(cls, config: FetchConfig, extra_hosts: Iterable[str] = ()) -> DownloadSettings:
@@ -89,6 +101,9 @@ class DownloadSettings:
             max_side=config.max_side,
             jpeg_quality=config.jpeg_quality,
             allowed_hosts=(*config.allowed_hosts, *extra_hosts),
+            # One image of the largest size allowed at a time: the decodes' memory no longer
+            # grows with download_concurrency (32 x 40 Mpx would be 5 GB).
+            decode_pixels=config.max_pixels,
         )
 
 
@@ -120,23 +135,24 @@ class Outcome:
 
 def check_image(served: bytes, settings: DownloadSettings) -> Outcome:
     """Validate served bytes and prepare what is stored (downscaled when the settings ask)."""
+    budget = _decode_budget(max(1, settings.decode_pixels))
     try:
-        info = validate_image(served, settings.limits)
+        info = validate_image(served, settings.limits, budget)
     except ImageRejected as rejected:
         return Outcome.failed(rejected.reason, str(rejected))
     digest = hashlib.sha256(served).hexdigest()
     data, ext = served, _EXTENSIONS.get(info.format, "img")
     if settings.max_side and max(info.width, info.height) > settings.max_side:
-        shorter = math.ceil(
-            settings.max_side * min(info.width, info.height) / max(info.width, info.height)
-        )
         try:
-            image = load_rgb(
-                served, shorter_side_at_least=shorter, max_pixels=settings.limits.max_pixels
+            data = fit_jpeg(
+                served,
+                settings.max_side,
+                quality=settings.jpeg_quality,
+                max_pixels=settings.limits.max_pixels,
+                budget=budget,
             )
         except ImageRejected as rejected:
             return Outcome.failed(rejected.reason, str(rejected))
-        data = encode_jpeg(fit_longest_side(image, settings.max_side), settings.jpeg_quality)
         ext = "jpg"
     return Outcome(
         data=data,
@@ -146,6 +162,13 @@ def check_image(served: bytes, settings: DownloadSettings) -> Outcome:
         width=info.width,
         height=info.height,
     )
+
+
+@functools.cache
+def _decode_budget(pixels: int) -> PixelBudget:
+    # One budget per process and size, not per Downloader: memory is the process's, and the
+    # threads that read local files (read_local_image) decode beside the downloading ones.
+    return PixelBudget(pixels)
 
 
 def read_local_image(path: Path, settings: DownloadSettings) -> Outcome:
@@ -160,14 +183,65 @@ def read_local_image(path: Path, settings: DownloadSettings) -> Outcome:
 
 
 def host_allowed(url: str, patterns: Iterable[str]) -> bool:
-    """Whether the URL's host (``host`` or ``host:port``) matches one of the glob patterns."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    with_port = f"{host}:{parts.port}" if parts.port else host
+    """Whether the host a request for ``url`` connects to (``host`` or ``host:port``) matches one
+    of the glob patterns; False for a URL that ``Downloader`` refuses as ``bad_url``."""
+    try:
+        host, port = _target(_prepare(url))
+    except _Refused:
+        return False
+    return _host_matches(host, port, patterns)
+
+
+def _host_matches(host: str, port: int | None, patterns: Iterable[str]) -> bool:
+    with_port = f"{host}:{port}" if port else host
     return any(
         fnmatch.fnmatchcase(host, p.lower()) or fnmatch.fnmatchcase(with_port, p.lower())
         for p in patterns
     )
+
+
+class _Refused(Exception):
+    """A URL that is not contacted; ``reason`` is ``bad_url`` or ``host_not_allowed``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _prepare(url: str, session: requests.Session | None = None) -> requests.PreparedRequest:
+    """The GET request for ``url`` as the HTTP client sends it (normalised, percent-encoded)."""
+    if _AMBIGUOUS.search(url):
+        raise _Refused(BAD_URL, f"backslash, space or control character in {url[:200]!r}")
+    request = requests.Request("GET", url)
+    try:
+        return session.prepare_request(request) if session else request.prepare()
+    except (requests.RequestException, ValueError) as exc:  # InvalidURL, MissingSchema, IDNA
+        raise _Refused(BAD_URL, f"{url[:200]!r}: {exc}") from None
+
+
+def _target(request: requests.PreparedRequest) -> tuple[str, int | None]:
+    """The host (lower case) and written port that ``request`` connects to.
+
+    The prepared URL is read twice, as urllib3 reads it to connect and as requests' adapter reads
+    it (urllib.parse) to pick a connection pool; a URL the two read differently, one that is not
+    http(s), has no host or carries a user name (``user@host``, a classic way to disguise the
+    host) is refused as ``bad_url``.
+    """
+    url = request.url or ""
+    try:
+        sent, pooled = parse_url(url), urlsplit(url)
+        pooled_port = pooled.port
+    except (LocationParseError, ValueError):  # ValueError: a port out of range
+        raise _Refused(BAD_URL, url[:200]) from None
+    if sent.scheme not in ("http", "https") or not sent.host:
+        raise _Refused(BAD_URL, f"not an http(s) URL with a host: {url[:200]!r}")
+    if sent.auth is not None or "@" in pooled.netloc:
+        raise _Refused(BAD_URL, f"user name in the host part of {url[:200]!r}")
+    host = sent.host.lower().strip("[]")
+    if (sent.scheme, host, sent.port) != (pooled.scheme, pooled.hostname, pooled_port):
+        raise _Refused(BAD_URL, f"the host of {url[:200]!r} reads differently to each parser")
+    return host, sent.port
 
 
 class _Transient(Exception):
@@ -194,9 +268,6 @@ class Downloader:
 
     def get(self, url: str) -> Outcome:
         """Fetch ``url`` with retries and check it; never raises for network or image faults."""
-        problem = self._refuse(url)
-        if problem:
-            return problem
         for attempt in range(self.settings.retries + 1):
             try:
                 return self._fetch_once(url)
@@ -224,13 +295,13 @@ class Downloader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _refuse(self, url: str) -> Outcome | None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            return Outcome.failed(BAD_URL, url[:200])
-        if not host_allowed(url, self.settings.allowed_hosts):
-            return Outcome.failed(HOST_NOT_ALLOWED, parts.hostname)
-        return None
+    def _checked(self, session: requests.Session, url: str) -> requests.PreparedRequest:
+        """The request for ``url`` as it is sent, once the host it connects to is allowed."""
+        request = _prepare(url, session)
+        host, port = _target(request)
+        if not _host_matches(host, port, self.settings.allowed_hosts):
+            raise _Refused(HOST_NOT_ALLOWED, f"{host}:{port}" if port else host)
+        return request
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
@@ -251,15 +322,19 @@ class Downloader:
     def _fetch_once(self, url: str) -> Outcome:
         session = self._session()
         for _ in range(_MAX_REDIRECTS + 1):
+            # Each hop is checked as the request that is sent, not as the text of the URL: the
+            # host the connection goes to is the one allowed.
             try:
-                with session.get(
-                    url, timeout=self.settings.timeout, stream=True, allow_redirects=False
+                request = self._checked(session, url)
+            except _Refused as refused:
+                return Outcome.failed(refused.reason, refused.detail)
+            environment = session.merge_environment_settings(request.url, {}, True, None, None)
+            try:
+                with session.send(
+                    request, timeout=self.settings.timeout, allow_redirects=False, **environment
                 ) as response:
                     if response.status_code in _REDIRECTS and "Location" in response.headers:
-                        url = urljoin(url, response.headers["Location"])
-                        problem = self._refuse(url)
-                        if problem:
-                            return problem
+                        url = urljoin(request.url or url, response.headers["Location"])
                         continue
                     return self._read(response)
             except requests.Timeout as exc:
