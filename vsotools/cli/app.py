@@ -572,6 +572,7 @@ def _add_train_commands(commands: argparse._SubParsersAction) -> None:
         help="continue the training in --out from its last checkpoint (with RUN/recipe.toml"
         " unless --recipe is given)",
     )
+    _add_no_check_option(train)
     add_json_option(train)
     add_recipe_options(train, TRAIN_FLAGS)
     train.set_defaults(handler=_train)
@@ -588,6 +589,7 @@ def _add_train_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--batch-size", type=_positive, help="default: the run's batch size")
     evaluate.add_argument("--workers", type=int, help="default: the run's loader workers")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _add_no_check_option(evaluate)
     add_json_option(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
@@ -605,6 +607,16 @@ def _add_train_commands(commands: argparse._SubParsersAction) -> None:
     predict.set_defaults(handler=_predict)
 
 
+def _add_no_check_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        help="do not compare what each shard gives with its manifest entry (sample and label"
+        " counts); for a shard set you changed on purpose",
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     from vsotools.core.metrics import TABLE_HEADER, table_row
     from vsotools.training.folder import TrainingFolder
@@ -612,7 +624,14 @@ def _train(args: argparse.Namespace) -> int:
 
     folder = TrainingFolder(args.out)
     recipe = resolve_recipe(args, default=folder.recipe if args.resume else None)
-    report = train(recipe, args.shards, args.out, resume=args.resume, progress=_progress(args))
+    report = train(
+        recipe,
+        args.shards,
+        args.out,
+        resume=args.resume,
+        progress=_progress(args),
+        check=args.check,
+    )
     if report.rank != 0:
         return 0  # under torchrun, rank 0 alone prints the report
 
@@ -644,6 +663,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         progress=_progress(args),
+        check=args.check,
     )
     m = report.metrics
 

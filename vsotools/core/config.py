@@ -87,6 +87,11 @@ class FetchConfig:
         "An image+text pairs file (JSONL, CSV or Parquet: id, text, label, image) to ingest instead of crawling Flickr; empty: crawl.",
         path=True,
     )
+    image_root: str = setting(
+        "",
+        "Folder that the local images of a pairs file must lie in (their paths are relative to it or absolute inside it); empty: the pairs file's folder.",
+        path=True,
+    )
 
     # --- the Flickr API ---
     api_url: str = setting(
@@ -200,6 +205,11 @@ class FetchConfig:
         30_000_000,
         "Images larger than this many bytes are rejected (``too_large``).",
     )
+    decode_pixels: int = setting(
+        0,
+        "Most pixels that the download threads decode at once, together (about 4 bytes each; an image larger than this is decoded alone); 0: max_pixels, one of the largest images at a time.",
+        shapes_output=False,
+    )
     max_side: int = setting(
         0,
         "Downscale images whose longer side exceeds this many pixels before storing them (JPEG); 0 stores the served file unchanged.",
@@ -247,6 +257,7 @@ class FetchConfig:
         _check(self.min_side > 0, "fetch.min_side", "must be positive")
         _check(self.max_pixels > 0, "fetch.max_pixels", "must be positive")
         _check(self.max_bytes > 0, "fetch.max_bytes", "must be positive")
+        _check(self.decode_pixels >= 0, "fetch.decode_pixels", "must not be negative")
         _check(self.max_side >= 0, "fetch.max_side", "must not be negative (0: no downscaling)")
         _check(
             self.max_side == 0 or self.max_side >= self.min_side,

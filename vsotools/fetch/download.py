@@ -36,6 +36,7 @@ from urllib3.util import parse_url
 
 from vsotools import __version__
 from vsotools.core.config import FetchConfig
+from vsotools.core.files import UnsafeFile, contained_path, read_regular_file
 from vsotools.core.images import (
     NOT_AN_IMAGE,
     TOO_LARGE,
@@ -46,7 +47,7 @@ from vsotools.core.images import (
     fit_jpeg,
     validate_image,
 )
-from vsotools.core.ratelimit import backoff_delay
+from vsotools.core.ratelimit import parse_retry_after, retry_delay
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,9 @@ class DownloadSettings:
             max_side=config.max_side,
             jpeg_quality=config.jpeg_quality,
             allowed_hosts=(*config.allowed_hosts, *extra_hosts),
-            # One image of the largest size allowed at a time: the decodes' memory no longer
-            # grows with download_concurrency (32 x 40 Mpx would be 5 GB).
-            decode_pixels=config.max_pixels,
+            # By default one image of the largest size allowed at a time: the decodes' memory
+            # no longer grows with download_concurrency (32 x 40 Mpx would be 5 GB).
+            decode_pixels=config.decode_pixels or config.max_pixels,
         )
 
 
@@ -171,14 +172,23 @@ def _decode_budget(pixels: int) -> PixelBudget:
     return PixelBudget(pixels)
 
 
-def read_local_image(path: Path, settings: DownloadSettings) -> Outcome:
-    """The outcome of an image file on disk, checked like a download."""
+def read_local_image(root: Path, name: str, settings: DownloadSettings) -> Outcome:
+    """The outcome of the image file ``name`` (relative to ``root``, or absolute inside it),
+    checked like a download.
+
+    A name that leads out of ``root`` is refused (``outside_root``); so is anything but a regular
+    file (a FIFO, ``/dev/zero``: ``not_a_file``), and a file larger than ``max_bytes``
+    (``too_large``) is refused without being read whole.
+    """
     try:
-        served = path.read_bytes()
+        path = contained_path(root, name)
+        served = read_regular_file(path, settings.limits.max_bytes)
+    except UnsafeFile as exc:
+        return Outcome.failed(exc.reason, exc.detail)
     except FileNotFoundError:
-        return Outcome.failed(MISSING_FILE, str(path))
+        return Outcome.failed(MISSING_FILE, str(Path(root) / name))
     except OSError as exc:
-        return Outcome.failed(MISSING_FILE, f"{path}: {exc.strerror}")
+        return Outcome.failed(MISSING_FILE, f"{Path(root) / name}: {exc.strerror}")
     return check_image(served, settings)
 
 
@@ -274,11 +284,12 @@ class Downloader:
             except _Transient as transient:
                 if attempt == self.settings.retries:
                     return Outcome.failed(transient.reason, transient.detail)
-                delay = backoff_delay(
-                    attempt, self.settings.backoff_base, self.settings.backoff_max
+                delay = retry_delay(
+                    attempt,
+                    self.settings.backoff_base,
+                    self.settings.backoff_max,
+                    retry_after=transient.retry_after,
                 )
-                if transient.retry_after is not None:
-                    delay = max(delay, min(transient.retry_after, self.settings.backoff_max))
                 log.debug("retrying %s in %.2fs: %s", url, delay, transient)
                 self._sleep(delay)
         raise AssertionError("unreachable")
@@ -350,7 +361,9 @@ class Downloader:
         if status != 200:
             reason = f"http_{status}"
             if status in _RETRIED_STATUSES or status >= 500:
-                raise _Transient(reason, f"HTTP {status}", _retry_after(response))
+                raise _Transient(
+                    reason, f"HTTP {status}", parse_retry_after(response.headers.get("Retry-After"))
+                )
             return Outcome.failed(reason, f"HTTP {status}")
         content_type = response.headers.get("Content-Type", "").lower()
         if content_type and not content_type.startswith(_ACCEPTED_TYPES):
@@ -367,8 +380,3 @@ class Downloader:
             if size > limit:
                 return Outcome.failed(TOO_LARGE, f"more than {limit} bytes")
         return check_image(b"".join(chunks), self.settings)
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After", "")
-    return float(value) if value.isdigit() else None

@@ -52,12 +52,22 @@ def read_pairs(path: str | Path) -> Iterator[Pair]:
         raise PairsError(f"{path}: no such file")
     rows = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}[kind](path)
     seen: dict[str, int] = {}
-    for line, row in rows:
+    for line, row in _utf8(rows, path):
         pair = _pair(path, line, row)
         if pair.id in seen:
             raise PairsError(f"{path}:{line}: id {pair.id!r} already used at line {seen[pair.id]}")
         seen[pair.id] = line
         yield pair
+
+
+def _utf8(rows: Iterator[tuple[int, Mapping[str, Any]]], path: Path):
+    """``rows``, with a file that is not UTF-8 text refused in one line."""
+    try:
+        yield from rows
+    except UnicodeDecodeError as exc:
+        raise PairsError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start} of a line)"
+        ) from None
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
@@ -105,6 +115,10 @@ def _pair(path: Path, line: int, row: Mapping[str, Any]) -> Pair:
     missing = [c for c in PAIRS_COLUMNS if c not in row]
     if missing:
         raise PairsError(f"{path}:{line}: missing field(s) {', '.join(missing)}")
+    for column in PAIRS_COLUMNS:
+        if isinstance(row[column], list | dict):
+            kind = "list" if isinstance(row[column], list) else "object"
+            raise PairsError(f"{path}:{line}: {column} is a JSON {kind}, not a single value")
     pair_id = _scalar_text(row["id"])
     if not pair_id:
         raise PairsError(f"{path}:{line}: empty id")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -145,7 +146,9 @@ def _fetch(
         api_calls = 0
         with (
             _Progress(progress, len(anps), pairs is not None) as bars,
-            _ImageWorkers(store, settings, config.download_concurrency, bars) as workers,
+            _ImageWorkers(
+                store, settings, config.download_concurrency, bars, _image_root(recipe, pairs)
+            ) as workers,
         ):
             if pairs is not None:
                 _load_pairs(store, pairs)
@@ -315,13 +318,21 @@ def _load_pairs(store: Store, path: Path) -> None:
                 "description": pair.text,
                 "image_url": pair.image if pair.is_url else None,
             }
-            local = None if pair.is_url else str((base / pair.image).resolve())
+            # Lexically normalised, not resolved: the image root check sees the path as written.
+            local = None if pair.is_url else os.path.normpath(base / pair.image)
             yield pair.id, record, local
 
     added = store.add_pairs(rows(), meta={PAIRS_SHA256: digest})
     if added == 0:
         raise PairsError(f"{path}: holds no pairs")
     log.info("read %d pairs from %s", added, path)
+
+
+def _image_root(recipe: Recipe, pairs: Path | None) -> Path:
+    """The folder local images must lie in: ``fetch.image_root``, else the pairs file's."""
+    if recipe.fetch.image_root:
+        return Path(recipe.fetch.image_root)
+    return pairs.parent if pairs is not None else Path.cwd()
 
 
 def _pairs_sha256(path: Path) -> str:
@@ -340,9 +351,15 @@ class _ImageWorkers:
     """A bounded pool of threads that fetch images and save their outcomes."""
 
     def __init__(
-        self, store: Store, settings: DownloadSettings, concurrency: int, bars: _Progress
+        self,
+        store: Store,
+        settings: DownloadSettings,
+        concurrency: int,
+        bars: _Progress,
+        image_root: Path,
     ) -> None:
         self._store = store
+        self._image_root = image_root
         self._downloader = Downloader(settings)
         self._settings = settings
         self._bars = bars
@@ -371,7 +388,7 @@ class _ImageWorkers:
 
     def _fetch(self, photo: PendingPhoto) -> Outcome:
         if photo.local_path is not None:
-            return read_local_image(Path(photo.local_path), self._settings)
+            return read_local_image(self._image_root, photo.local_path, self._settings)
         if photo.image_url is None:
             return Outcome.failed(NO_IMAGE_URL)
         return self._downloader.get(photo.image_url)

@@ -21,6 +21,7 @@ from torch import nn
 
 from vsotools.core.config import TrainConfig
 
+
 class TextCNN(nn.Module):
     """Kim's sentence CNN with max, average and min pooling over the valid positions.
 
