@@ -32,9 +32,11 @@ INPUT_SIZE = 224
 
 # The TensorFlow EfficientNet-Lite builder normalises 0..255 pixels with mean 127 and standard
 # deviation 128 ("inception-style", chosen there for better post-training quantisation), not with
-# ImageNet's per-channel statistics as the B0-B7 builder does. The converted weights expect the
-# same: on the MVSA photos of tests/test_encoders.py these constants give the photo's object
-# a higher probability than ImageNet's mean and standard deviation do.
+# ImageNet's per-channel statistics as the B0-B7 builder does, and the weights are that
+# checkpoint's, converted. The stem's batch norm agrees: it stores the variance its input had in
+# training, and real photos normalised this way reach about that variance (x1.07 on 64 MVSA
+# photos), against x5.2 with ImageNet's statistics. Top-5 predictions on clear photos cannot
+# tell the two apart: batch norm absorbs much of a wrong scale.
 IMAGE_MEAN = (127.0, 127.0, 127.0)
 """Per-channel mean (R, G, B) subtracted from pixels on the 0..255 scale."""
 IMAGE_STD = (128.0, 128.0, 128.0)
