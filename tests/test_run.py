@@ -16,7 +16,7 @@ from vsotools.core.config import load_recipe
 from vsotools.core.images import encode_jpeg
 from vsotools.demo import corpus
 from vsotools.training.checkpoint import load_checkpoint
-from vsotools.training.evaluate import predict
+from vsotools.training.predict import predict
 
 pytestmark = pytest.mark.slow
 

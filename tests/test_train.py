@@ -21,8 +21,9 @@ from vsotools.core.config import Recipe
 from vsotools.core.errors import ConfigError, ExistingOutput
 from vsotools.core.metrics import Metrics
 from vsotools.training import checkpoint as ckpt
-from vsotools.training.evaluate import evaluate, predict
+from vsotools.training.evaluate import evaluate
 from vsotools.training.loader import LoaderError
+from vsotools.training.predict import predict
 from vsotools.training.train import Selection, train
 
 pytestmark = pytest.mark.slow
@@ -215,7 +216,7 @@ def test_warm_start_from_branch_checkpoints_with_frozen_branches(runs, shards, t
     assert not torch.equal(
         state["model"]["image.layers.0.weight"], image_state["model"]["image.layers.0.weight"]
     )
-    assert [r["frozen_branches"] for r in read_lines(tmp_path / "warm")] == [True, False]
+    assert [r["frozen_branches"] for r in read_lines(tmp_path / "warm")] == [["image", "text"], []]
 
 
 def test_the_tweet_token_rule_travels_with_the_checkpoint(shards, tmp_path):

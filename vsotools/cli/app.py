@@ -595,13 +595,22 @@ def _add_train_commands(commands: argparse._SubParsersAction) -> None:
 
     predict = commands.add_parser(
         "predict",
-        help="classify one image and/or text with a checkpoint",
-        description="Print the predicted label and its probability. A text-only model needs"
-        " only --text, an image-only model only --image, the fusion model both.",
+        help="classify one post, or every pair of a pairs file, with a checkpoint",
+        description="With --image and/or --text: print the predicted label and its probability"
+        " (a text-only model needs only --text, an image-only model only --image, the fusion"
+        " model both). With --pairs FILE --out PRED: label every pair of a pairs file (JSONL,"
+        " CSV or Parquet with id, text, image; a label column is not needed) in batches and"
+        " write PRED, a Parquet file with one row per pair: id, label, positive_probability,"
+        " and error for a pair that could not be read.",
     )
     predict.add_argument("--checkpoint", required=True, type=Path, help="RUN/checkpoint.pt")
     predict.add_argument("--image", type=Path, help="an image file")
     predict.add_argument("--text", help="the text (cleaned as `vsotools filter` cleans it)")
+    predict.add_argument("--pairs", type=Path, metavar="FILE", help="a pairs file to label")
+    predict.add_argument(
+        "--out", type=Path, metavar="PRED", help="the Parquet file to write (with --pairs)"
+    )
+    predict.add_argument("--batch-size", type=_positive, help="default: the run's batch size")
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_json_option(predict)
     predict.set_defaults(handler=_predict)
@@ -683,10 +692,32 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from vsotools.training.evaluate import predict
+    from vsotools.training.predict import predict, predict_pairs
 
+    if args.pairs is not None:
+        if args.out is None or args.image is not None or args.text is not None:
+            raise ConfigError("predict: --pairs needs --out, and no --image or --text")
+        report = predict_pairs(
+            args.checkpoint,
+            args.pairs,
+            args.out,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=_progress(args),
+        )
+
+        def text() -> None:
+            labels = ", ".join(f"{count(n)} {name}" for name, n in sorted(report.labels.items()))
+            print(f"{args.out}: {count(report.predicted)} pairs labelled ({labels or 'none'})")
+            if report.failed:
+                print(f"{count(report.failed)} pairs could not be read (reason in column error):")
+                for failure in report.failures[:10]:
+                    print(f"  line {failure['line']} ({failure['id']}): {failure['reason']}")
+
+        emit(args, report.to_json(), text)
+        return 0
     if args.image is None and args.text is None:
-        raise ConfigError("predict: give --image, --text or both")
+        raise ConfigError("predict: give --image, --text or both, or --pairs and --out")
     prediction = predict(args.checkpoint, image=args.image, text=args.text, device=args.device)
     emit(
         args,

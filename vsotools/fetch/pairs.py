@@ -18,6 +18,8 @@ from vsotools.core.errors import VsoError
 from vsotools.core.schema import GIVEN_LABELS
 
 PAIRS_COLUMNS = ("id", "text", "label", "image")
+UNLABELLED_COLUMNS = ("id", "text", "image")
+"""The columns a pairs file needs to be labelled by a model (``vsotools predict --pairs``)."""
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -40,9 +42,31 @@ class Pair:
         return self.image.lower().startswith(("http://", "https://"))
 
 
+@dataclass(frozen=True)
+class BadRow:
+    """A row of a pairs file that cannot be used, and why (``read_pairs_leniently``)."""
+
+    line: int
+    id: str | None
+    reason: str
+
+
 def read_pairs(path: str | Path) -> Iterator[Pair]:
     """The pairs of a file, in file order; refuses a bad row or a repeated id."""
-    path = Path(path)
+    for found in _pairs(Path(path), PAIRS_COLUMNS):
+        if isinstance(found, BadRow):
+            raise PairsError(f"{path}:{found.line}: {found.reason}")
+        yield found
+
+
+def read_pairs_leniently(path: str | Path) -> Iterator[Pair | BadRow]:
+    """The pairs of a file to apply a model to: the label column may be absent, and a bad row
+    is given as a ``BadRow`` with its reason instead of stopping the reading. A file that is
+    not a readable pairs file at all still raises ``PairsError``."""
+    yield from _pairs(Path(path), UNLABELLED_COLUMNS)
+
+
+def _pairs(path: Path, columns: tuple[str, ...]) -> Iterator[Pair | BadRow]:
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise PairsError(
@@ -50,14 +74,24 @@ def read_pairs(path: str | Path) -> Iterator[Pair]:
         )
     if not path.is_file():
         raise PairsError(f"{path}: no such file")
-    rows = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}[kind](path)
+    rows = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}[kind](path, columns)
     seen: dict[str, int] = {}
     for line, row in _utf8(rows, path):
-        pair = _pair(path, line, row)
+        try:
+            pair = _pair(line, row, columns)
+        except PairsError as exc:
+            yield BadRow(line, _id_of(row), str(exc))
+            continue
         if pair.id in seen:
-            raise PairsError(f"{path}:{line}: id {pair.id!r} already used at line {seen[pair.id]}")
+            yield BadRow(line, pair.id, f"id {pair.id!r} already used at line {seen[pair.id]}")
+            continue
         seen[pair.id] = line
         yield pair
+
+
+def _id_of(row: Any) -> str | None:
+    value = row.get("id") if isinstance(row, Mapping) else None
+    return None if value is None or isinstance(value, list | dict) else _scalar_text(value)
 
 
 def _utf8(rows: Iterator[tuple[int, Mapping[str, Any]]], path: Path):
@@ -70,67 +104,74 @@ def _utf8(rows: Iterator[tuple[int, Mapping[str, Any]]], path: Path):
         ) from None
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
+def _jsonl_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, Any]]:
     with path.open(encoding="utf-8-sig") as fh:
         for line, text in enumerate(fh, start=1):
             if not text.strip():
                 continue
             try:
-                row = json.loads(text)
+                yield line, json.loads(text)
             except json.JSONDecodeError as exc:
-                raise PairsError(f"{path}:{line}: not JSON: {exc.msg}") from None
-            if not isinstance(row, dict):
-                raise PairsError(f"{path}:{line}: expected a JSON object")
-            yield line, row
+                yield line, _NotJson(exc.msg)
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
+def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, Any]]:
     with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh)
-        missing = [c for c in PAIRS_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
             raise PairsError(f"{path}:1: missing column(s) {', '.join(missing)}")
         for row in reader:
             yield reader.line_num, row
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
+def _parquet_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid and others for a damaged file
         raise PairsError(f"{path}: not a readable Parquet file ({exc})") from None
-    missing = [c for c in PAIRS_COLUMNS if c not in parquet.schema_arrow.names]
+    names = parquet.schema_arrow.names
+    missing = [c for c in columns if c not in names]
     if missing:
         raise PairsError(f"{path}: missing column(s) {', '.join(missing)}")
     row = 0
-    for batch in parquet.iter_batches(columns=list(PAIRS_COLUMNS), batch_size=10_000):
+    present = [c for c in PAIRS_COLUMNS if c in names]
+    for batch in parquet.iter_batches(columns=present, batch_size=10_000):
         for record in batch.to_pylist():
             row += 1
             yield row, record
 
 
-def _pair(path: Path, line: int, row: Mapping[str, Any]) -> Pair:
-    missing = [c for c in PAIRS_COLUMNS if c not in row]
+class _NotJson(str):
+    """A JSONL line that does not parse: the parser's message."""
+
+
+def _pair(line: int, row: Any, columns: tuple[str, ...]) -> Pair:
+    """The pair of one row; raises ``PairsError`` with the reason (the caller adds the place)."""
+    if isinstance(row, _NotJson):
+        raise PairsError(f"not JSON: {row}")
+    if not isinstance(row, Mapping):
+        raise PairsError("expected a JSON object")
+    missing = [c for c in columns if c not in row]
     if missing:
-        raise PairsError(f"{path}:{line}: missing field(s) {', '.join(missing)}")
+        raise PairsError(f"missing field(s) {', '.join(missing)}")
     for column in PAIRS_COLUMNS:
-        if isinstance(row[column], list | dict):
+        if isinstance(row.get(column), list | dict):
             kind = "list" if isinstance(row[column], list) else "object"
-            raise PairsError(f"{path}:{line}: {column} is a JSON {kind}, not a single value")
+            raise PairsError(f"{column} is a JSON {kind}, not a single value")
     pair_id = _scalar_text(row["id"])
     if not pair_id:
-        raise PairsError(f"{path}:{line}: empty id")
-    label = _scalar_text(row["label"]).strip().lower()
-    if label not in GIVEN_LABELS:
+        raise PairsError("empty id")
+    label = _scalar_text(row.get("label")).strip().lower()
+    if "label" in columns and label not in GIVEN_LABELS:
         raise PairsError(
-            f"{path}:{line}: label {row['label']!r} of {pair_id!r} is not one of"
-            f" {', '.join(GIVEN_LABELS)}"
+            f"label {row['label']!r} of {pair_id!r} is not one of {', '.join(GIVEN_LABELS)}"
         )
     image = _scalar_text(row["image"]).strip()
     if not image:
-        raise PairsError(f"{path}:{line}: empty image of {pair_id!r}")
+        raise PairsError(f"empty image of {pair_id!r}")
     return Pair(id=pair_id, text=_scalar_text(row["text"]), label=label, image=image, line=line)
 
 

@@ -39,6 +39,8 @@ import torch
 
 from vsotools.core.config import Recipe, recipe_from_dict, recipe_to_toml
 from vsotools.core.errors import VsoError
+from vsotools.training import encoders
+from vsotools.training.minilm import TextTokenizer
 from vsotools.training.models import SentimentNet, build_model
 from vsotools.training.vocab import SPECIALS, Vocabulary
 
@@ -54,7 +56,7 @@ def training_state(
     *,
     recipe: Recipe,
     model: SentimentNet,
-    vocab: Vocabulary | None,
+    vocab: Vocabulary | TextTokenizer | None,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     epoch: int,
@@ -66,12 +68,17 @@ def training_state(
     shards: str,
 ) -> dict[str, Any]:
     """The checkpoint of a training after ``epoch`` epochs (see the module doc for each key)."""
+    words = vocab if isinstance(vocab, Vocabulary) else None
+    text_spec = None
+    if isinstance(vocab, TextTokenizer):
+        text_spec = encoders.text_spec(model.text, vocab)  # type: ignore[arg-type]
     return {
         "model_type": recipe.train.model,
         "recipe": recipe_to_toml(recipe),
-        "vocab": vocab.words if vocab is not None else None,
-        "lowercase": vocab.lowercase if vocab is not None else recipe.train.lowercase,
-        "tweet_tokens": vocab.tweets if vocab is not None else recipe.train.tweet_tokens,
+        "vocab": words.words if words is not None else None,
+        "lowercase": words.lowercase if words is not None else recipe.train.lowercase,
+        "tweet_tokens": words.tweets if words is not None else recipe.train.tweet_tokens,
+        "text_spec": text_spec,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -183,17 +190,31 @@ def vocabulary_of(state: dict[str, Any]) -> Vocabulary | None:
     )
 
 
-def model_of(state: dict[str, Any]) -> tuple[SentimentNet, Recipe, Vocabulary | None]:
-    """The trained model (on the CPU, in eval mode), its recipe and its vocabulary."""
+def model_of(
+    state: dict[str, Any],
+) -> tuple[SentimentNet, Recipe, Vocabulary | TextTokenizer | None]:
+    """The trained model (on the CPU, in eval mode), its recipe, and what turns its text into
+    token ids (the Kim CNN's vocabulary or a pretrained encoder's tokenizer; None: no text).
+
+    Nothing is downloaded or read from a weight package: a pretrained encoder is built from the
+    description the checkpoint keeps (MiniLM needs ``transformers`` for that) and gets the
+    trained weights from the state dict.
+    """
     recipe = recipe_of(state)
-    vocab = vocabulary_of(state)
-    embeddings = None
-    if vocab is not None:
-        embeddings = torch.zeros(len(vocab), recipe.train.word_dim)
-    model = build_model(recipe.train, embeddings)
+    config = recipe.train
+    reader: Vocabulary | TextTokenizer | None = vocabulary_of(state)
+    embeddings = None if reader is None else torch.zeros(len(reader), config.word_dim)
+    text = image = None
+    if encoders.is_pretrained(config, "text"):
+        if not state.get("text_spec"):
+            raise CheckpointError("the checkpoint's MiniLM text branch has no description")
+        text, reader = encoders.text_from_spec(state["text_spec"])
+    if encoders.is_pretrained(config, "image"):
+        image = encoders.blank_image()
+    model = build_model(config, embeddings, text=text, image=image)
     model.load_state_dict(state["model"])
     model.eval()
-    return model, recipe, vocab
+    return model, recipe, reader
 
 
 def rng_state() -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 
 from vsotools.core.config import TrainConfig
 from vsotools.shards.format import ShardManifest, read_manifest, shard_urls
+from vsotools.training import encoders
 from vsotools.training.distributed import Context
 from vsotools.training.loader import (
     IMAGENET_MEAN,
@@ -75,11 +76,16 @@ class ModelInput:
 
     @classmethod
     def of(cls, config: TrainConfig, text: TextEncoder | None) -> ModelInput:
-        """What a model of ``config`` reads, with ``text`` its text encoder (or None)."""
+        """What a model of ``config`` reads, with ``text`` turning its texts into token ids (a
+        vocabulary or a tokenizer; None for an image model), each branch's input prepared the
+        way its encoder expects (``training.encoders``)."""
+        mean, std = encoders.image_normalisation(config)
         return cls(
             text=text if config.model != "image" else None,
-            max_tokens=config.max_words,
+            max_tokens=encoders.max_tokens(config),
             crop_size=config.crop_size if config.model != "text" else None,
+            mean=mean,
+            std=std,
         )
 
     def decoder(

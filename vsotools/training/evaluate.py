@@ -1,8 +1,8 @@
-"""``vsotools evaluate`` and ``vsotools predict``: use what ``train`` saved.
+"""``vsotools evaluate``: score what ``train`` saved on any split of any shard set.
 
 ``evaluate`` runs a checkpoint over one split of any shard set and returns the same metrics the
 training saved (the same evaluation code, ``training.inference``, fed by the same data builders,
-``training.data``); ``predict`` classifies one image and/or text.
+``training.data``). Prediction is ``training.predict``.
 """
 
 from __future__ import annotations
@@ -14,21 +14,15 @@ from typing import Any
 
 import torch
 
-from vsotools.core.errors import VsoError
-from vsotools.core.files import UnsafeFile, read_regular_file
 from vsotools.core.metrics import Metrics
 from vsotools.core.schema import TEST
 from vsotools.training import checkpoint as ckpt
 from vsotools.training import distributed
 from vsotools.training.data import ModelInput, ShardSet, split_stream
-from vsotools.training.inference import Prediction, autocast_dtype, evaluate_batches, predict_one
+from vsotools.training.inference import autocast_dtype, evaluate_batches
 from vsotools.training.loader import make_loader
 
 log = logging.getLogger(__name__)
-
-MAX_IMAGE_BYTES = 100_000_000
-"""Largest image file ``predict`` reads."""
-
 
 @dataclass
 class EvaluationReport:
@@ -97,29 +91,3 @@ def evaluate(
         split=split,
         metrics=outputs.metrics(),
     )
-
-
-def predict(
-    checkpoint: str | Path,
-    *,
-    image: str | Path | None = None,
-    text: str | None = None,
-    device: str = "auto",
-) -> Prediction:
-    """The label and its probability for one image and/or text (what the model reads)."""
-    state = ckpt.load_checkpoint(checkpoint)
-    model, recipe, vocab = ckpt.model_of(state)
-    model.to(distributed.resolve_device(device))
-    data = None
-    if image is not None:
-        data = _read_image(Path(image))
-    return predict_one(model, ModelInput.of(recipe.train, vocab), recipe, image=data, text=text)
-
-
-def _read_image(path: Path) -> bytes:
-    try:
-        return read_regular_file(path, MAX_IMAGE_BYTES)
-    except FileNotFoundError:
-        raise VsoError(f"{path}: image not found") from None
-    except UnsafeFile as exc:
-        raise VsoError(f"{path}: {exc.detail}") from None

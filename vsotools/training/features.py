@@ -1,0 +1,205 @@
+"""Features of frozen pretrained encoders: computed once per sample, reused every epoch.
+
+A pretrained encoder that does not train (``train.frozen_branches``, or every branch during
+``train.freeze_branches_epochs``) gives each sample the same features every epoch, so they are
+computed once, from the evaluation crop and the whole text, and the loop feeds them to the head
+instead of running the encoder again: on two CPU cores the difference between minutes and an
+hour. The features are kept in ``train.features_dir`` (default: the training folder), one file
+per branch, named by a fingerprint of the encoder's weights, its input preparation and the shard
+set, so that other trainings on the same shards with the same encoder reuse them. Under
+``torchrun`` each rank computes its share and every rank gets them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from vsotools.core.config import TrainConfig
+from vsotools.core.files import atomic_open, json_sha256
+from vsotools.training import distributed
+from vsotools.training.data import ModelInput, ShardSet, split_stream
+from vsotools.training.inference import autocast
+from vsotools.training.loader import BatchMover, make_loader, raise_errors
+from vsotools.training.models import SentimentNet
+
+log = logging.getLogger(__name__)
+
+INPUT_OF = {"text": "text_features", "image": "image_features"}
+"""The ``SentimentNet.forward`` argument that takes each branch's features."""
+
+
+@dataclass
+class FeatureStore:
+    """For each branch it holds: its feature vector per sample key."""
+
+    rows: dict[str, dict[str, int]]
+    """Branch -> sample key -> row of its matrix."""
+    matrices: dict[str, torch.Tensor]
+    """Branch -> ``(samples, feature_dim)`` float32 features."""
+
+    @property
+    def branches(self) -> frozenset[str]:
+        return frozenset(self.matrices)
+
+    def inputs(self, keys: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """The ``forward`` arguments that give the model these samples' features."""
+        found = {}
+        for branch, rows in self.rows.items():
+            try:
+                index = torch.tensor([rows[key] for key in keys])
+            except KeyError as exc:
+                raise KeyError(f"no {branch} features for sample {exc.args[0]}") from None
+            found[INPUT_OF[branch]] = self.matrices[branch][index].to(device, non_blocking=True)
+        return found
+
+
+def without_branches(model_input: ModelInput, branches: frozenset[str]) -> ModelInput:
+    """What a model reads when these branches' features come from a store: not their input."""
+    if "text" in branches:
+        model_input = replace(model_input, text=None)
+    if "image" in branches:
+        model_input = replace(model_input, crop_size=None)
+    return model_input
+
+
+def only_branch(model_input: ModelInput, branch: str) -> ModelInput:
+    """What one branch reads."""
+    return without_branches(model_input, frozenset({"text", "image"} - {branch}))
+
+
+def compute_features(
+    model: SentimentNet,
+    branches: frozenset[str],
+    shard_set: ShardSet,
+    model_input: ModelInput,
+    config: TrainConfig,
+    context: distributed.Context,
+    folder: Path,
+    *,
+    dtype: torch.dtype | None,
+    check: bool = True,
+    progress: bool = False,
+) -> FeatureStore:
+    """The features of ``branches`` for every sample of the shard set: read from ``folder``
+    when a training on the same shards with the same encoder computed them, else computed."""
+    store = FeatureStore({}, {})
+    for branch in sorted(branches):
+        module = getattr(model, branch)
+        branch_input = only_branch(model_input, branch)
+        path = folder / f"features-{branch}-{_fingerprint(module, branch_input, shard_set)[:20]}.pt"
+        keys, matrix = _read(path) if path.is_file() else (None, None)
+        if keys is None:
+            keys, matrix = _compute(
+                module, branch, branch_input, shard_set, config, context, dtype, check, progress
+            )
+            if context.is_main:
+                _write(path, keys, matrix)
+        else:
+            log.info("%s features of %s samples read from %s", branch, f"{len(keys):,}", path)
+        store.rows[branch] = {key: row for row, key in enumerate(keys)}
+        store.matrices[branch] = matrix
+    return store
+
+
+def _compute(
+    module: torch.nn.Module,
+    branch: str,
+    branch_input: ModelInput,
+    shard_set: ShardSet,
+    config: TrainConfig,
+    context: distributed.Context,
+    dtype: torch.dtype | None,
+    check: bool,
+    progress: bool,
+) -> tuple[list[str], torch.Tensor]:
+    mover = branch_input.mover(context.device)
+    keys: list[str] = []
+    rows: list[torch.Tensor] = []
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        for split in shard_set.manifest.splits:
+            stream = split_stream(shard_set, split, branch_input, config, context, check=check)
+            loader = make_loader(stream, config.workers, context.device.type == "cuda")
+            desc = f"{branch} features, {split}"
+            for batch in tqdm(raise_errors(loader), desc=desc, unit="batch", disable=not progress):
+                keys += batch["keys"]
+                rows.append(_branch_output(module, branch, batch, mover, dtype).float().cpu())
+    module.train(was_training)
+    matrix = torch.cat(rows) if rows else torch.zeros(0, module.feature_dim)
+    if context.distributed:
+        parts = distributed.gather_objects(context, (keys, matrix))
+        keys = [key for part_keys, _ in parts for key in part_keys]
+        matrix = torch.cat([part for _, part in parts])
+    log.info("%s features of %s samples computed", branch, f"{len(keys):,}")
+    return keys, matrix
+
+
+def _branch_output(
+    module: torch.nn.Module,
+    branch: str,
+    batch: dict[str, Any],
+    mover: BatchMover,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
+    inputs = mover.inputs(batch, train=False)
+    with autocast(mover.device, dtype):
+        if branch == "text":
+            return module(inputs["tokens"], inputs["lengths"])
+        return module(inputs["images"])
+
+
+def _fingerprint(module: torch.nn.Module, branch_input: ModelInput, shard_set: ShardSet) -> str:
+    """The encoder's weights, what it reads and how, and the shards: equal fingerprints, equal
+    features."""
+    weights = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    prepared = {
+        "max_tokens": branch_input.max_tokens if branch_input.text is not None else None,
+        "crop_size": branch_input.crop_size,
+        "mean": branch_input.mean,
+        "std": branch_input.std,
+    }
+    return json_sha256(
+        {"weights": weights.hexdigest(), "input": prepared, "shards": shard_set.fingerprint}
+    )
+
+
+def _read(path: Path) -> tuple[list[str] | None, torch.Tensor | None]:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return list(saved["keys"]), saved["features"]
+    except Exception:  # an unreadable cache file is computed again, never trusted
+        log.warning("%s is unreadable: computing the features again", path)
+        return None, None
+
+
+def _write(path: Path, keys: list[str], matrix: torch.Tensor) -> None:
+    with atomic_open(path, "wb") as fh:
+        torch.save({"keys": keys, "features": matrix}, fh)
+
+
+def frozen_now(model: SentimentNet, config: TrainConfig, epoch: int) -> frozenset[str]:
+    """The branches of ``model`` that do not train in ``epoch`` (0-based)."""
+    frozen = set(config.frozen_branches)
+    if epoch < config.freeze_branches_epochs:
+        frozen |= {"text", "image"}
+    return frozenset(name for name in frozen if getattr(model, name) is not None)
+
+
+def restricted(store: FeatureStore | None, branches: frozenset[str]) -> FeatureStore | None:
+    """The part of ``store`` for ``branches`` (None when there are none)."""
+    if store is None or not branches:
+        return None
+    return FeatureStore(
+        {b: store.rows[b] for b in branches}, {b: store.matrices[b] for b in branches}
+    )
