@@ -26,6 +26,7 @@ DOCS = {
     "predict": REPO / "docs" / "train.md",
     "run": REPO / "docs" / "run.md",
     "demo": REPO / "docs" / "run.md",
+    "settings": REPO / "README.md",
 }
 
 
@@ -45,19 +46,51 @@ def test_every_command_is_in_the_readme_and_its_page(command):
     assert f"vsotools {command}" in DOCS[command].read_text()
 
 
+def _parsers(command: str) -> list[argparse.ArgumentParser]:
+    """The command's parser, or for a group (``anps``) the parsers of its actions."""
+    parser = _commands()[command]
+    groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(groups[0].choices.values()) if groups else [parser]
+
+
 @pytest.mark.parametrize("command", sorted(DOCS))
 def test_every_flag_is_documented(command):
     page = DOCS[command].read_text()
     flags = {
         option
-        for action in _commands()[command]._actions
+        for parser in _parsers(command)
+        for action in parser._actions
         for option in action.option_strings
         if option.startswith("--") and option != "--help"
     }
+    assert flags, command
     missing = sorted(f for f in flags if f not in page and f"--no-{f[2:]}" not in page)
-    if command == "anps":
-        return  # a group: its actions are documented in manifests/README.md by example
     assert not missing, f"{DOCS[command].name} does not mention {missing}"
+
+
+def test_every_settings_table_is_what_the_settings_declare():
+    """The docs' settings tables are generated from the settings (`vsotools settings SECTION
+    --markdown`): a setting is declared once, in vsotools/core/config.py."""
+    from vsotools.cli.app import settings_markdown
+    from vsotools.core.config import describe_section, format_value, section_names
+
+    pages = [*(REPO / "docs").glob("*.md"), REPO / "README.md", REPO / "manifests" / "README.md"]
+    found = {}
+    for page in pages:
+        for section, table in re.findall(
+            r"<!-- settings: (\w+) -->\n(.*?)\n<!-- /settings -->", page.read_text(), flags=re.S
+        ):
+            found[section] = table
+    assert set(found) == set(section_names()), "every recipe section has its table"
+    for section, table in found.items():
+        rows = [
+            {"key": info.dotted.partition(".")[2], "value": format_value(info.default),
+             "help": info.help}
+            for info in describe_section(section)
+        ]  # fmt: skip
+        assert table == settings_markdown(rows), (
+            f"the {section} table is stale: paste `vsotools settings {section} --markdown`"
+        )
 
 
 def test_readme_examples_parse():

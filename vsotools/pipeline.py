@@ -5,6 +5,7 @@ The stages talk only through the files they leave in the work folder::
     WORK/data/            the dataset folder (vsotools.dataset.folder)
     WORK/shards/          the shard set (vsotools.shards.format)
     WORK/train-MODEL/     one training folder per model (vsotools.training.folder)
+    WORK/features/        features of frozen pretrained encoders, shared by the models
     WORK/report.html      the results table, training curves and dataset plots
 
 Whether a stage's output is complete and current is decided one way, by the contract of that
@@ -213,12 +214,16 @@ def _training_order(recipe: Recipe) -> list[str]:
 
 
 def _model_recipe(recipe: Recipe, model: str, runs: dict[str, Path]) -> Recipe:
-    """The recipe one model trains with: [train], then the model's own ``run.MODEL_set``."""
+    """The recipe one model trains with: [train], then the model's own ``run.MODEL_set``; the
+    models share one folder of frozen encoders' features (WORK/features) unless it names one."""
     assignments = getattr(recipe.run, f"{model}_set")
     try:
         model_recipe = recipe.override({"train.model": model}).override_strings(assignments)
     except ConfigError as exc:
         raise ConfigError(f"run.{model}_set: {exc}") from None
+    if not model_recipe.train.features_dir:
+        shared = next(iter(runs.values())).parent / "features"
+        model_recipe = model_recipe.override({"train.features_dir": str(shared)})
     if model == FUSION and recipe.run.fusion_from_branches:
         model_recipe = model_recipe.override(
             {

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-q", "--quiet", action="count", default=0, help="less output (no progress bars)"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_settings_command(commands)
     _add_anps_commands(commands)
     _add_fetch_commands(commands)
     _add_filter_command(commands)
@@ -107,6 +108,63 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
+
+
+# --- vsotools settings ------------------------------------------------------------------------
+
+
+def _add_settings_command(commands: argparse._SubParsersAction) -> None:
+    from vsotools.core.config import section_names
+
+    settings = commands.add_parser(
+        "settings",
+        help="list the recipe settings: key, built-in default (or a recipe's value), meaning",
+        description="List every setting of a recipe section (or of all of them) with its"
+        " built-in default, or with the value a recipe gives it (--recipe). --markdown prints"
+        " the tables the documentation holds.",
+    )
+    settings.add_argument("section", nargs="?", choices=section_names(), help="default: all")
+    settings.add_argument("--recipe", type=Path, help="show this recipe's values")
+    settings.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    add_json_option(settings)
+    settings.set_defaults(handler=_settings)
+
+
+def _settings(args: argparse.Namespace) -> int:
+    from vsotools.core.config import describe_section, format_value, load_recipe, section_names
+
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    sections = [args.section] if args.section else section_names()
+    tables = {}
+    for section in sections:
+        rows = []
+        for info in describe_section(section):
+            key = info.dotted.partition(".")[2]
+            value = getattr(getattr(recipe, section), key) if recipe else info.default
+            rows.append({"key": key, "value": format_value(value), "help": info.help})
+        tables[section] = rows
+
+    def text() -> None:
+        for section, rows in tables.items():
+            if args.markdown:
+                print(settings_markdown(rows))
+                continue
+            print(f"[{section}]")
+            for row in rows:
+                print(f"  {row['key']} = {row['value']}")
+                print(f"      {row['help']}")
+
+    emit(args, tables, text)
+    return 0
+
+
+def settings_markdown(rows: list[dict[str, str]]) -> str:
+    """A section's settings as the Markdown table the docs pages hold."""
+    lines = ["| setting | default | meaning |", "| --- | --- | --- |"]
+    for row in rows:
+        value, meaning = row["value"].replace("|", r"\|"), row["help"].replace("|", r"\|")
+        lines.append(f"| `{row['key']}` | `{value}` | {meaning} |")
+    return "\n".join(lines)
 
 
 # --- vsotools anps ----------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class AnpsConfig:
 
     manifest: str = setting(
         "",
-        "Manifest CSV (``anp,adjective,noun,sentiment``); empty for datasets with given labels.",
+        "Manifest CSV (`anp,adjective,noun,sentiment`); empty for datasets with given labels.",
         path=True,
     )
     pos_threshold: float = setting(
@@ -96,17 +96,17 @@ class FetchConfig:
     # --- the Flickr API ---
     api_url: str = setting(
         "https://api.flickr.com/services/rest/",
-        "Flickr REST endpoint; point it at ``vsotools flickr-server`` for offline runs.",
+        "Flickr REST endpoint; point it at `vsotools flickr-server` for offline runs.",
         shapes_output=False,
     )
     api_format: Literal["json", "xml"] = setting(
         "json",
-        "Response format asked of the API (flickrapi's ``parsed-json`` or ``etree``).",
+        "Response format asked of the API (flickrapi's `parsed-json` or `etree`).",
         shapes_output=False,
     )
     search_mode: Literal["text", "tags"] = setting(
         "text",
-        "``text``: free-text search of the ANP's two words; ``tags``: ``tags=adj,noun&tag_mode=all``.",
+        "`text`: free-text search of the ANP's two words; `tags`: `tags=adj,noun&tag_mode=all`.",
     )
     all_anps: bool = setting(
         False,
@@ -191,19 +191,19 @@ class FetchConfig:
     )
     allowed_hosts: list[str] = setting(
         ["*.staticflickr.com"],
-        "Image hosts that may be contacted (``*.`` matches subdomains; ``*`` any); the API host is always allowed.",
+        "Image hosts that may be contacted (`*.` matches subdomains; `*` any); the API host is always allowed.",
     )
     min_side: int = setting(
         32,
-        "Images narrower or lower than this many pixels are rejected (``too_small``).",
+        "Images narrower or lower than this many pixels are rejected (`too_small`).",
     )
     max_pixels: int = setting(
         40_000_000,
-        "Images with more pixels are rejected before decoding (``too_many_pixels``).",
+        "Images with more pixels are rejected before decoding (`too_many_pixels`).",
     )
     max_bytes: int = setting(
         30_000_000,
-        "Images larger than this many bytes are rejected (``too_large``).",
+        "Images larger than this many bytes are rejected (`too_large`).",
     )
     decode_pixels: int = setting(
         0,
@@ -220,7 +220,7 @@ class FetchConfig:
     )
     part_size: int = setting(
         1000,
-        "Photos per metadata part file and per image folder (``images/{part:05d}/``).",
+        "Photos per metadata part file and per image folder (`images/{part:05d}/`).",
     )
 
     def validate(self) -> None:
@@ -294,7 +294,7 @@ class FilterConfig:
     )
     group_by: Literal["photo", "owner"] = setting(
         "photo",
-        "``photo`` is the paper's protocol; ``owner`` keeps each Flickr user on one side.",
+        "`photo` is the paper's protocol; `owner` keeps each Flickr user on one side.",
     )
     dedup_images: bool = setting(
         True,
@@ -328,7 +328,7 @@ class ShardConfig:
 
     image_size: int = setting(
         256,
-        "Shorter side of the re-encoded JPEG; training takes random crops of ``train.crop_size``.",
+        "Shorter side of the re-encoded JPEG; training takes random crops of `train.crop_size`.",
     )
     quality: int = setting(
         90,
@@ -378,23 +378,23 @@ class RunConfig:
 
     models: list[Literal["fusion", "text", "image"]] = setting(
         ["fusion"],
-        "Models to train and compare; ``text`` and ``image`` are the paper's ST and SV baselines.",
+        "Models to train and compare; `text` and `image` are the paper's ST and SV baselines.",
     )
     fusion_from_branches: bool = setting(
         False,
-        "Train ``text`` and ``image`` first and start the fusion model from their weights.",
+        "Train `text` and `image` first and start the fusion model from their weights.",
     )
     fusion_set: list[str] = setting(
         [],
-        "``train.KEY=VALUE`` overrides for the fusion model only (as ``--set`` takes them).",
+        "`train.KEY=VALUE` overrides for the fusion model only (as `--set` takes them).",
     )
     text_set: list[str] = setting(
         [],
-        "``train.KEY=VALUE`` overrides for the text model only.",
+        "`train.KEY=VALUE` overrides for the text model only.",
     )
     image_set: list[str] = setting(
         [],
-        "``train.KEY=VALUE`` overrides for the image model only.",
+        "`train.KEY=VALUE` overrides for the image model only.",
     )
 
     def validate(self) -> None:
@@ -424,7 +424,7 @@ class TrainConfig:
 
     model: Literal["fusion", "text", "image"] = setting(
         "fusion",
-        "``fusion``: both branches; ``text``: the ST baseline; ``image``: the SV baseline.",
+        "`fusion`: both branches; `text`: the ST baseline; `image`: the SV baseline.",
     )
     batch_size: int = setting(
         100,
@@ -515,7 +515,7 @@ class TrainConfig:
     )
     tweet_tokens: bool = setting(
         False,
-        "Off by default. For tweets: every @mention reads as one token ``@user`` and a hashtag as two, ``#`` and its word, so ``#happy`` and ``happy`` share a vector (vocabulary and word2vec alike).",
+        "Off by default. For tweets: every @mention reads as one token `@user` and a hashtag as two, `#` and its word, so `#happy` and `happy` share a vector (vocabulary and word2vec alike).",
     )
     word_vectors: str = setting(
         "",
@@ -524,7 +524,7 @@ class TrainConfig:
     )
     w2v_algorithm: Literal["skipgram", "cbow"] = setting(
         "skipgram",
-        "Word2Vec training algorithm when no ``word_vectors`` file is given.",
+        "Word2Vec training algorithm when no `word_vectors` file is given.",
     )
     w2v_window: int = setting(
         5,
@@ -562,7 +562,7 @@ class TrainConfig:
     )
     lrn: bool = setting(
         True,
-        "Local response normalisation after the first two convolutions, as in AlexNet. Off for ImageNet weights in torchvision's AlexNet layout (``init_image``), which were trained without.",
+        "Local response normalisation after the first two convolutions, as in AlexNet. Off for ImageNet weights in torchvision's AlexNet layout (`init_image`), which were trained without.",
     )
     hflip: bool = setting(
         True,
@@ -594,7 +594,7 @@ class TrainConfig:
     # --- the loss, model selection and warm starts (off by default) ---
     class_weights: Literal["none", "balanced"] = setting(
         "none",
-        "``balanced``: cross-entropy weights n / (2 n_class) from the train split's label counts.",
+        "`balanced`: cross-entropy weights n / (2 n_class) from the train split's label counts.",
     )
     val_fraction: float = setting(
         0.0,
@@ -606,7 +606,7 @@ class TrainConfig:
     )
     patience: int = setting(
         0,
-        "Stop after this many epochs without a better validation ``select`` metric (0: never).",
+        "Stop after this many epochs without a better validation `select` metric (0: never).",
     )
     init_text: str = setting(
         "",
@@ -615,7 +615,7 @@ class TrainConfig:
     )
     init_image: str = setting(
         "",
-        "Checkpoint (image or fusion) whose image branch starts the model, or ImageNet weights in torchvision's AlexNet layout (``alexnet-owt-7be5be79.pth``; needs ``conv_channels`` = [64, 192, 384, 256, 256] and ``lrn`` = false).",
+        "Checkpoint (image or fusion) whose image branch starts the model, or ImageNet weights in torchvision's AlexNet layout (`alexnet-owt-7be5be79.pth`; needs `conv_channels` = [64, 192, 384, 256, 256] and `lrn` = false).",
         path=True,
     )
     freeze_branches_epochs: int = setting(
@@ -635,12 +635,12 @@ class TrainConfig:
     )
     device: Literal["auto", "cpu", "cuda"] = setting(
         "auto",
-        "``auto``: the GPU when there is one.",
+        "`auto`: the GPU when there is one.",
         shapes_output=False,
     )
     precision: Literal["auto", "fp32", "bf16"] = setting(
         "auto",
-        "``auto``: bf16 autocast on GPU, fp32 on CPU.",
+        "`auto`: bf16 autocast on GPU, fp32 on CPU.",
         shapes_output=False,
     )
     channels_last: bool = setting(
@@ -895,6 +895,23 @@ def describe(dotted: str) -> SettingInfo:
         is_list=is_list,
         unit=spec.metadata.get("unit"),
     )
+
+
+def section_names() -> list[str]:
+    """The recipe's sections, in file order: anps, fetch, filter, shard, run, train."""
+    return _sections(Recipe())
+
+
+def describe_section(section: str) -> list[SettingInfo]:
+    """Every setting of one recipe section, in declaration order."""
+    if section not in section_names():
+        raise ConfigError(f"{section}: unknown section (known: {', '.join(section_names())})")
+    return [describe(f"{section}.{f.name}") for f in dataclasses.fields(getattr(Recipe(), section))]
+
+
+def format_value(value: Any) -> str:
+    """A setting's value as a recipe file writes it."""
+    return _toml_value(value)
 
 
 def output_settings(section: Any) -> dict[str, Any]:

@@ -16,7 +16,9 @@ saved beside the state dict, through ``minilm_from_spec``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +143,24 @@ def packaged_model_folder() -> Path:
 
 def _read_model(transformers: Any, location: str) -> tuple[MiniLMEncoder, TextTokenizer]:
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(location)
-    model = transformers.AutoModel.from_pretrained(location)
+    with _quiet(transformers):
+        model = transformers.AutoModel.from_pretrained(location)
     check_vocabulary(len(hf_tokenizer), model.config.vocab_size, location)
     return MiniLMEncoder(model).eval(), TextTokenizer.from_transformers(hf_tokenizer)
+
+
+@contextlib.contextmanager
+def _quiet(transformers: Any) -> Iterator[None]:
+    """Without the progress bar transformers draws while it loads weights (vsotools' own bars
+    are the ones the caller switches on or off); its previous state is restored after."""
+    bars = transformers.utils.logging
+    was_enabled = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            bars.enable_progress_bar()
 
 
 def check_vocabulary(tokenizer_size: int, embedding_rows: int, location: str) -> None:
