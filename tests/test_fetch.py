@@ -156,6 +156,7 @@ def test_tag_search_in_xml_with_a_licence_filter(cli, corpus, rows, tmp_path):
     assert set(df.photo_id) == expected
 
 
+@pytest.mark.slow
 def test_upload_date_windows_reach_past_the_4000_cap(cli, tmp_path):
     corpus = tmp_path / "big"
     corpus.mkdir()
@@ -238,6 +239,7 @@ def vsotools_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "vsotools"]
 
 
+@pytest.mark.slow
 def test_a_crawl_killed_twice_ends_like_an_uninterrupted_one(corpus, tmp_path):
     log = tmp_path / "requests.jsonl"
     faults = Faults(latency=0.02, truncated=0.05, not_image=0.05, error_500=0.05, seed=2)
@@ -312,6 +314,7 @@ def test_a_crawl_killed_twice_ends_like_an_uninterrupted_one(corpus, tmp_path):
 # --- pairs ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mvsa_pairs_are_ingested(cli, shared_data, tmp_path):
     pairs = shared_data / "mvsa-dev" / "pairs.jsonl"
     out = tmp_path / "mvsa"

@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from vsotools.cli import build_parser
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "fetch.md"
 
 
+@pytest.mark.slow
 def test_the_offline_walk_through_runs(tmp_path):
     section = DOC.read_text().split("### Try it offline", 1)[1]
     script = re.search(r"```sh\n(.*?)```", section, re.S).group(1)

@@ -261,6 +261,7 @@ def test_empty_result_writes_an_empty_table(cli, tmp_path, manifest):
     assert len(pd.read_parquet(data / "filtered.parquet")) == 0
 
 
+@pytest.mark.slow
 def test_parallel_and_serial_word_counts_agree(tmp_path, manifest):
     data = tmp_path / "data"
     records = _many(25_000)

@@ -122,6 +122,7 @@ def test_shard_counts_and_balanced_cuts():
 # --- a written set, read back -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_shards_hold_every_photo_once_with_the_promised_members(data, shard_set):
     _, records = data
     by_key = {sample_key(r["photo_id"]): r for r in records}
@@ -342,6 +343,7 @@ def test_missing_and_corrupt_images_are_left_out_and_reported(cli, tmp_path):
     assert verify_shards(out).ok
 
 
+@pytest.mark.slow
 def test_no_readable_image_at_all_fails_clearly(cli, tmp_path):
     root = tmp_path / "data"
     records = make_dataset(root, 12, seed=4)
@@ -420,6 +422,7 @@ def test_too_few_train_shards_for_the_readers_is_warned(data, tmp_path, caplog):
     assert "some readers would get no shard" in caplog.text
 
 
+@pytest.mark.slow
 def test_the_progress_bar_counts_samples_and_shards(data, tmp_path, capsys):
     root, records = data
     recipe = Recipe().override({"shard.image_size": 32, "shard.maxcount": 50, "shard.workers": 2})
@@ -432,6 +435,7 @@ def test_the_progress_bar_counts_samples_and_shards(data, tmp_path, capsys):
 # --- a run killed midway, then rerun -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_killed_midway_is_finished_by_a_rerun(cli, tmp_path):
     root = tmp_path / "data"
     make_dataset(root, 360, seed=7, kinds=("jpeg",))
@@ -502,6 +506,7 @@ def _running(pid: int) -> bool:
 # --- real photos ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_mvsa_photos_make_a_valid_set(shared_data, tmp_path):
     pairs = [
         json.loads(line)
@@ -580,6 +585,7 @@ def s3_server():
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_set_on_s3_is_written_resumed_and_verified(cli, data, s3_server, tmp_path):
     import s3fs
 
@@ -647,6 +653,7 @@ def _code_blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", DOCS.read_text("utf-8"), re.DOTALL)
 
 
+@pytest.mark.slow
 def test_every_documented_example_runs(cli, s3_server, tmp_path, monkeypatch):
     import s3fs
 
@@ -687,6 +694,7 @@ def test_the_cli_imports_no_heavy_stage_module():
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_without_a_recipe_shard_follows_the_recipe_the_dataset_was_filtered_with(cli, tmp_path):
     """Bug: `vsotools shard DATA --out S` loaded no recipe and wrote the built-in VSO settings
     into S/recipe.toml and the manifest, whatever recipe DATA was made with."""
@@ -710,6 +718,7 @@ def test_without_a_recipe_shard_follows_the_recipe_the_dataset_was_filtered_with
             assert min(image.size) == 48
 
 
+@pytest.mark.slow
 def test_a_shard_over_maxsize_is_warned_about(cli, tmp_path):
     """Shards are planned from measured sample sizes; a shard that still exceeds maxsize (here a
     maxsize below the size of any one sample) is named in a warning, not passed over."""
