@@ -131,9 +131,12 @@ class FolderBusy(VsoError):
 def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     """Hold ``FOLDER/.vsotools.lock`` while writing ``folder``; refuse a second writer at once.
 
-    The lock is the operating system's advisory lock (``flock``) on that file, so it goes with
-    the process that holds it: a killed writer never leaves it stuck, and the file itself may
-    stay. The holder's process id is written into it, for the message a second writer gets.
+    The lock is the operating system's advisory record lock (POSIX ``lockf``) on that file: it
+    belongs to the process that took it and goes with it, so a killed writer never leaves it
+    stuck (the file itself may stay), even while processes it forked (loader workers, a pool)
+    linger; an ``flock`` would be shared with them. It does not keep out a second writer in the
+    same process. The holder's process id is written into the file, for the message a second
+    writer gets.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -141,8 +144,8 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, by system
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
             raise FolderBusy(
                 f"{folder}: {what} is being written by process {holder}; wait for it to finish"
