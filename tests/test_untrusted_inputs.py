@@ -738,6 +738,12 @@ def test_an_empty_pairs_file_is_refused_by_fetch(cli, tmp_path, content):
     assert result.code == 1 and result.out == ""
     assert one_line_error(result.err) == f"vsotools: error: {path}: holds no pairs"
     assert not (data / "fetch-report.json").exists()  # not a complete fetch for filter to read
+    # The refused file left no trace: once it holds pairs, the same folder takes it.
+    write_pairs(path, {"a": "a.jpg"})
+    write_jpeg(tmp_path / "a.jpg")
+    fixed = cli("fetch", "--pairs", path, "--out", data)
+    assert fixed.code == 0, fixed.err
+    assert outcomes(data) == {"a": ("ok", None)}
 
 
 @pytest.mark.slow

@@ -41,7 +41,9 @@ class Pair:
 
 
 def read_pairs(path: str | Path) -> Iterator[Pair]:
-    """The pairs of a file, in file order; refuses a bad row or a repeated id."""
+    """The pairs of a file, in file order; refuses a bad row, a repeated id, or a file without
+    pairs (once its end is reached, so that a caller storing the pairs as they come can undo
+    them all)."""
     path = Path(path)
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
@@ -58,6 +60,8 @@ def read_pairs(path: str | Path) -> Iterator[Pair]:
             raise PairsError(f"{path}:{line}: id {pair.id!r} already used at line {seen[pair.id]}")
         seen[pair.id] = line
         yield pair
+    if not seen:
+        raise PairsError(f"{path}: holds no pairs")
 
 
 def _utf8(rows: Iterator[tuple[int, Mapping[str, Any]]], path: Path):
