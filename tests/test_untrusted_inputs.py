@@ -156,28 +156,34 @@ def test_fetch_image_root_lets_a_pairs_file_name_images_elsewhere(hostile_pairs,
     assert found["sparse"] == ("failed", "too_large")
 
 
+@pytest.mark.slow
 def test_shard_leaves_out_images_that_a_hand_edited_filtered_file_points_elsewhere(tmp_path):
     data = tmp_path / "data"
     records = make_dataset(data, 40, seed=5, kinds=("jpeg",))
     write_jpeg(tmp_path / "x.jpg")
     os.mkfifo(data / "images" / "fifo.jpg")
+    (data / "images" / "device.jpg").symlink_to("/dev/zero")
+    with (data / "images" / "sparse.jpg").open("wb") as fh:
+        fh.truncate(1_500_000_000)
     hostile = {
         "../x.jpg": "outside_root",
         "/etc/hostname": "outside_root",
         "/dev/zero": "outside_root",
         "images/fifo.jpg": "not_a_file",
+        "images/device.jpg": "not_a_file",
+        "images/sparse.jpg": "too_large",
     }
     for record, image_path in zip(records[1:], hostile, strict=False):
         record["image_path"] = image_path
     write_filtered(data, records)
-    filtered = file_digests(data)
+    filtered = hashlib.sha256((data / "filtered.parquet").read_bytes()).hexdigest()
     out = tmp_path / "set"
     args = ["shard", data, "--out", out, "--workers", "1", "--image-size", "32"]
 
-    refused = run_vsotools(*args, timeout=120)  # 4 of 40 is over shard.max_skipped's 1%
+    refused = run_vsotools(*args, timeout=120)  # 6 of 40 is over shard.max_skipped's 1%
     assert refused.returncode == 1
     error = one_line_error(refused.stderr)
-    assert "4 of 40 images (10.0%)" in error and "shard.max_skipped" in error
+    assert "6 of 40 images (15.0%)" in error and "shard.max_skipped" in error
     assert not (out / MANIFEST_NAME).exists()
 
     accepted = run_vsotools(*args, "--max-skipped", "0.2", timeout=120)
@@ -185,9 +191,9 @@ def test_shard_leaves_out_images_that_a_hand_edited_filtered_file_points_elsewhe
     manifest = read_manifest(out)
     skipped = {entry["image_path"]: entry["reason"] for entry in manifest.skipped}
     assert skipped == hostile
-    assert sum(manifest.samples(split) for split in manifest.splits) == 36
+    assert sum(manifest.samples(split) for split in manifest.splits) == 34
     assert verify_shards(out).ok
-    assert file_digests(data) == filtered
+    assert hashlib.sha256((data / "filtered.parquet").read_bytes()).hexdigest() == filtered
 
 
 # --- 3. shards checked against their manifest as they are read ------------------------------
@@ -325,15 +331,17 @@ def test_a_corrupt_jpeg_in_a_shard_is_one_line_naming_shard_and_key(checkpoints,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["cut", "truncated", "class"])
+@pytest.mark.parametrize("damage", ["cut", "truncated", "class", "jpeg"])
 def test_train_refuses_a_damaged_train_shard(cli, damaged, tmp_path, damage):
     shard = damaged / "train-000001.tar"
     if damage == "cut":
         cut_at_sample(shard, 30)
     elif damage == "truncated":
         cut_in_member(shard, ".jpg", 12)
-    else:
+    elif damage == "class":
         replace_member_data(shard, 5, "cls", flip_class)
+    else:
+        replace_member_data(shard, 7, "jpg", garble_jpeg)
     run = tmp_path / "run"
     refused = cli(
         "train", "--shards", damaged, "--out", run, *tiny_set_arguments(epochs=1, workers=1)
@@ -446,6 +454,7 @@ def test_a_killed_shard_writer_leaves_no_lock_behind(cli, tmp_path):
     assert verify_shards(out).ok
 
 
+@pytest.mark.slow
 def test_a_dataset_folder_is_written_by_one_process_at_a_time(tmp_path):
     pairs = write_pairs(tmp_path / "pairs" / "pairs.jsonl", {"a": "a.jpg"})
     write_jpeg(pairs.parent / "a.jpg")
@@ -493,6 +502,7 @@ def test_a_killed_filter_leaves_no_lock_behind_even_while_its_word_counters_ling
         assert not session_processes(filtering.pid)
 
 
+@pytest.mark.slow
 def test_a_training_folder_is_written_by_one_process_at_a_time(sound_set, tmp_path):
     run = tmp_path / "run"
     with folder_lock(run, "a training folder"):
@@ -568,13 +578,18 @@ def test_a_file_that_is_not_utf8_is_refused_in_one_line(cli, tmp_path, kind):
         if kind.endswith(".csv"):
             bad.write_bytes(b"id,text,label,image\n1," + NOT_UTF8 + b",positive,a.jpg\n")
         else:
-            bad.write_bytes(b'{"id": "1", "text": "' + NOT_UTF8 + b'", "label": "positive"}\n')
+            row = b'{"id": "1", "text": "' + NOT_UTF8 + b'", "label": "positive", "image": "a.jpg"}'
+            bad.write_bytes(row + b"\n")
         args = ["fetch", "--pairs", bad, "--out", data]
     result = cli(*args)
     assert result.code == 1 and result.out == ""
     error = one_line_error(result.err)
     assert f"{bad}" in error and "not UTF-8 text" in error
     assert not (data / "metadata").exists()
+    if kind.startswith("pairs"):  # refused whole: once fixed, the same folder takes it
+        bad.write_text(bad.read_bytes().decode("latin-1"), encoding="utf-8")
+        write_jpeg(tmp_path / "a.jpg")
+        assert cli(*args).code == 0
 
 
 @pytest.fixture
