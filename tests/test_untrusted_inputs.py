@@ -792,3 +792,24 @@ def test_run_names_no_flag_that_run_does_not_have(cli, tmp_path):
     error = one_line_error(changed.err)
     assert "fetch.max_side" in error and str(work / "data") in error
     assert "--out" not in error and "--overwrite" not in error
+
+
+@pytest.mark.parametrize("kind", ["csv field", "nested json", "nested toml"])
+def test_a_file_that_breaks_its_parser_is_refused_in_one_line(cli, tmp_path, kind):
+    deep = "[" * 100_000 + "]" * 100_000
+    if kind == "csv field":
+        bad = tmp_path / "pairs.csv"
+        bad.write_text(f"id,text,label,image\n1,{'x' * 200_000},positive,a.jpg\n")
+        args, where = ["fetch", "--pairs", bad, "--out", tmp_path / "data"], f"{bad}:2: "
+    elif kind == "nested json":
+        bad = tmp_path / "pairs.jsonl"
+        good = {"id": "1", "text": "a happy day", "label": "positive", "image": "a.jpg"}
+        bad.write_text(json.dumps(good)[:-1] + f', "extra": {deep}}}\n')
+        args, where = ["fetch", "--pairs", bad, "--out", tmp_path / "data"], f"{bad}:1: "
+    else:
+        bad = tmp_path / "recipe.toml"
+        bad.write_text(f"name = {deep}\n")
+        args, where = ["fetch", "--recipe", bad, "--out", tmp_path / "data"], f"{bad}: "
+    result = cli(*args)
+    assert result.code == 1 and result.out == ""
+    assert one_line_error(result.err).startswith(f"vsotools: error: {where}")

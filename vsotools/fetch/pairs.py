@@ -83,6 +83,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise PairsError(f"{path}:{line}: not JSON: {exc.msg}") from None
+            except RecursionError:
+                raise PairsError(f"{path}:{line}: not JSON: nested too deeply") from None
             if not isinstance(row, dict):
                 raise PairsError(f"{path}:{line}: expected a JSON object")
             yield line, row
@@ -91,11 +93,16 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
 def _csv_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
     with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh)
-        missing = [c for c in PAIRS_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise PairsError(f"{path}:1: missing column(s) {', '.join(missing)}")
-        for row in reader:
-            yield reader.line_num, row
+        try:
+            missing = [c for c in PAIRS_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise PairsError(f"{path}:1: missing column(s) {', '.join(missing)}")
+            for row in reader:
+                yield reader.line_num, row
+        except csv.Error as exc:  # a field over csv's size limit (128 KiB)
+            # line_num counts the lines read whole: the record at fault starts on the next one.
+            line = reader.line_num + 1
+            raise PairsError(f"{path}:{line}: not CSV this reader takes ({exc})") from None
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
