@@ -331,6 +331,22 @@ def test_a_corrupt_jpeg_in_a_shard_is_one_line_naming_shard_and_key(checkpoints,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["../outside.tar", "/dev/zero", "sub/../../outside.tar"])
+def test_a_manifest_naming_a_shard_outside_its_folder_is_refused(cli, damaged, name):
+    shutil.copy(damaged / "test-000001.tar", damaged.parent / "outside.tar")
+    manifest = json.loads((damaged / MANIFEST_NAME).read_text())
+    manifest["splits"]["test"][1]["name"] = name
+    (damaged / MANIFEST_NAME).write_text(json.dumps(manifest))
+    run = damaged.parent / "run"
+    for args in (["train", "--shards", damaged, "--out", run], ["verify", damaged]):
+        result = cli(*args)
+        assert result.code == 1 and result.out == ""
+        error = one_line_error(result.err)
+        assert f"{damaged / MANIFEST_NAME}: shard name {name!r} is not a file name" in error
+    assert not run.exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["cut", "truncated", "class", "jpeg"])
 def test_train_refuses_a_damaged_train_shard(cli, damaged, tmp_path, damage):
     shard = damaged / "train-000001.tar"

@@ -180,6 +180,12 @@ class ShardManifest:
             skipped = [dict(s) for s in data.get("skipped") or []]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ShardSetError(f"{where}: malformed shard entry ({exc!r})") from None
+        for shard in (s for shards in splits.values() for s in shards):
+            # A shard is a file of the set's own folder: a name must not reach files elsewhere.
+            if shard.name in ("", ".", "..") or "/" in shard.name or "\\" in shard.name:
+                raise ShardSetError(
+                    f"{where}: shard name {shard.name!r} is not a file name in the set's folder"
+                )
         return cls(
             splits=splits,
             recipe=dict(data.get("recipe") or {}),
