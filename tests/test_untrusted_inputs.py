@@ -107,6 +107,7 @@ def hostile_pairs(tmp_path: Path) -> Path:
             "device-link": "device.jpg",
             "up": "../outside.jpg",
             "absolute": str(tmp_path / "outside.jpg"),
+            "nul": "good.jpg\0.png",
         },
     )
 
@@ -127,9 +128,10 @@ def test_fetch_reads_only_regular_files_of_bounded_size_inside_the_pairs_folder(
         "device-link": ("failed", "not_a_file"),
         "up": ("failed", "outside_root"),
         "absolute": ("failed", "outside_root"),
+        "nul": ("failed", "not_a_file"),
     }
     report = json.loads((data / "fetch-report.json").read_text())
-    assert report["failed_by_reason"] == {"outside_root": 3, "not_a_file": 2, "too_large": 1}
+    assert report["failed_by_reason"] == {"outside_root": 3, "not_a_file": 3, "too_large": 1}
     assert [path.name for path in (data / "images").rglob("*") if path.is_file()] == ["good.jpg"]
 
 
@@ -172,6 +174,7 @@ def test_shard_leaves_out_images_that_a_hand_edited_filtered_file_points_elsewhe
         "images/fifo.jpg": "not_a_file",
         "images/device.jpg": "not_a_file",
         "images/sparse.jpg": "too_large",
+        "images/00000.jpg\0.png": "not_a_file",
     }
     for record, image_path in zip(records[1:], hostile, strict=False):
         record["image_path"] = image_path
@@ -180,10 +183,10 @@ def test_shard_leaves_out_images_that_a_hand_edited_filtered_file_points_elsewhe
     out = tmp_path / "set"
     args = ["shard", data, "--out", out, "--workers", "1", "--image-size", "32"]
 
-    refused = run_vsotools(*args, timeout=120)  # 6 of 40 is over shard.max_skipped's 1%
+    refused = run_vsotools(*args, timeout=120)  # 7 of 40 is over shard.max_skipped's 1%
     assert refused.returncode == 1
     error = one_line_error(refused.stderr)
-    assert "6 of 40 images (15.0%)" in error and "shard.max_skipped" in error
+    assert "7 of 40 images (17.5%)" in error and "shard.max_skipped" in error
     assert not (out / MANIFEST_NAME).exists()
 
     accepted = run_vsotools(*args, "--max-skipped", "0.2", timeout=120)
@@ -191,7 +194,7 @@ def test_shard_leaves_out_images_that_a_hand_edited_filtered_file_points_elsewhe
     manifest = read_manifest(out)
     skipped = {entry["image_path"]: entry["reason"] for entry in manifest.skipped}
     assert skipped == hostile
-    assert sum(manifest.samples(split) for split in manifest.splits) == 34
+    assert sum(manifest.samples(split) for split in manifest.splits) == 33
     assert verify_shards(out).ok
     assert hashlib.sha256((data / "filtered.parquet").read_bytes()).hexdigest() == filtered
 

@@ -182,7 +182,10 @@ OUTSIDE_ROOT = "outside_root"
 def contained_path(root: str | Path, name: str) -> Path:
     """``root / name``, refused when the name leads out of ``root``: an input file must not reach
     files elsewhere on the disk through an absolute path or ``..``. (A symbolic link inside
-    ``root`` is followed: whoever put it there chose where it leads.)"""
+    ``root`` is followed: whoever put it there chose where it leads.) A name holding a NUL
+    character is refused as ``not_a_file``."""
+    if "\0" in name:  # no file has such a name, and the system calls refuse it
+        raise UnsafeFile(NOT_A_FILE, f"{name!r} holds a NUL character")
     base = Path(os.path.abspath(root))
     path = Path(os.path.normpath(base / name))
     if not path.is_relative_to(base):
