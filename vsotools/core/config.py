@@ -818,6 +818,8 @@ def _read_recipe_file(path: Path, *, validate: bool) -> Recipe:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not a recipe: values nested too deeply") from None
     try:
         return recipe_from_dict(data, base_dir=path.resolve().parent, validate=validate)
     except ConfigError as exc:

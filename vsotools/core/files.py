@@ -28,7 +28,9 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
 
     ``mode`` is ``"wb"`` or ``"w"`` (UTF-8 text).
 
-    On an exception the temporary file is removed and ``path`` is left as it was.
+    On an exception the temporary file is removed and ``path`` is left as it was. A system error
+    that names no file (a write or fsync failing with "No space left on device") is raised
+    naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,9 +44,11 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
 
 
@@ -131,9 +135,12 @@ class FolderBusy(VsoError):
 def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     """Hold ``FOLDER/.vsotools.lock`` while writing ``folder``; refuse a second writer at once.
 
-    The lock is the operating system's advisory lock (``flock``) on that file, so it goes with
-    the process that holds it: a killed writer never leaves it stuck, and the file itself may
-    stay. The holder's process id is written into it, for the message a second writer gets.
+    The lock is the operating system's advisory record lock (POSIX ``lockf``) on that file: it
+    belongs to the process that took it and goes with it, so a killed writer never leaves it
+    stuck (the file itself may stay), even while processes it forked (loader workers, a pool)
+    linger; an ``flock`` would be shared with them. It does not keep out a second writer in the
+    same process. The holder's process id is written into the file, for the message a second
+    writer gets.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -141,8 +148,8 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, by system
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
             raise FolderBusy(
                 f"{folder}: {what} is being written by process {holder}; wait for it to finish"
@@ -175,7 +182,10 @@ OUTSIDE_ROOT = "outside_root"
 def contained_path(root: str | Path, name: str) -> Path:
     """``root / name``, refused when the name leads out of ``root``: an input file must not reach
     files elsewhere on the disk through an absolute path or ``..``. (A symbolic link inside
-    ``root`` is followed: whoever put it there chose where it leads.)"""
+    ``root`` is followed: whoever put it there chose where it leads.) A name holding a NUL
+    character is refused as ``not_a_file``."""
+    if "\0" in name:  # no file has such a name, and the system calls refuse it
+        raise UnsafeFile(NOT_A_FILE, f"{name!r} holds a NUL character")
     base = Path(os.path.abspath(root))
     path = Path(os.path.normpath(base / name))
     if not path.is_relative_to(base):

@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -439,6 +440,18 @@ def _count_all(texts: list[str]) -> list[int]:
     return [count_words(t) for t in texts]
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Start a word-counting process's watchdog: it ends the process once ``parent`` is gone
+    (killed, out of memory), where a pool's process would otherwise wait for work for ever."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 @contextlib.contextmanager
 def _word_counter(workers: int) -> Iterator[_WordCounter]:
     """A word counter using ``workers`` processes (0: one per core) for large batches."""
@@ -446,5 +459,7 @@ def _word_counter(workers: int) -> Iterator[_WordCounter]:
     if workers == 1:
         yield _WordCounter(None, 1)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(
+        workers, initializer=_exit_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         yield _WordCounter(pool, workers)

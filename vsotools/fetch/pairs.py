@@ -52,11 +52,17 @@ class BadRow:
 
 
 def read_pairs(path: str | Path) -> Iterator[Pair]:
-    """The pairs of a file, in file order; refuses a bad row or a repeated id."""
+    """The pairs of a file, in file order; refuses a bad row, a repeated id, or a file without
+    pairs (once its end is reached, so that a caller storing the pairs as they come can undo
+    them all)."""
+    found_any = False
     for found in _pairs(Path(path), PAIRS_COLUMNS):
         if isinstance(found, BadRow):
             raise PairsError(f"{path}:{found.line}: {found.reason}")
+        found_any = True
         yield found
+    if not found_any:
+        raise PairsError(f"{path}: holds no pairs")
 
 
 def read_pairs_leniently(path: str | Path) -> Iterator[Pair | BadRow]:
@@ -113,16 +119,23 @@ def _jsonl_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, Any
                 yield line, json.loads(text)
             except json.JSONDecodeError as exc:
                 yield line, _NotJson(exc.msg)
+            except RecursionError:
+                yield line, _NotJson("nested too deeply")
 
 
 def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, Any]]:
     with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise PairsError(f"{path}:1: missing column(s) {', '.join(missing)}")
-        for row in reader:
-            yield reader.line_num, row
+        try:
+            missing = [c for c in columns if c not in (reader.fieldnames or [])]
+            if missing:
+                raise PairsError(f"{path}:1: missing column(s) {', '.join(missing)}")
+            for row in reader:
+                yield reader.line_num, row
+        except csv.Error as exc:  # a field over csv's size limit (128 KiB)
+            # line_num counts the lines read whole: the record at fault starts on the next one.
+            line = reader.line_num + 1
+            raise PairsError(f"{path}:{line}: not CSV this reader takes ({exc})") from None
 
 
 def _parquet_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, Any]]:

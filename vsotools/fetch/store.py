@@ -179,7 +179,7 @@ class Store:
                 raise StateError(
                     f"{self.root} was started with {key} = {_short(before[key])}, now"
                     f" {_short(value)}; rerun with the same settings to continue, or use another"
-                    " --out"
+                    " dataset folder"
                 )
 
     def _is_empty(self) -> bool:

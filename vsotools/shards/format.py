@@ -180,6 +180,12 @@ class ShardManifest:
             skipped = [dict(s) for s in data.get("skipped") or []]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ShardSetError(f"{where}: malformed shard entry ({exc!r})") from None
+        for shard in (s for shards in splits.values() for s in shards):
+            # A shard is a file of the set's own folder: a name must not reach files elsewhere.
+            if shard.name in ("", ".", "..") or "/" in shard.name or "\\" in shard.name:
+                raise ShardSetError(
+                    f"{where}: shard name {shard.name!r} is not a file name in the set's folder"
+                )
         return cls(
             splits=splits,
             recipe=dict(data.get("recipe") or {}),
@@ -452,27 +458,31 @@ def tar_members(
     long_name: str | None = None
     while True:
         header = stream.read(_BLOCK)
-        if len(header) < _BLOCK or header == bytes(_BLOCK):
+        if 0 < len(header) < _BLOCK:
+            raise EOFError("truncated tar header")
+        if not header or header == bytes(_BLOCK):
             return
         _check_header(header)
         size = _octal(header[124:136])
         kind = header[156:157]
         padded = size + (-size % _BLOCK)
         if kind in (b"x", b"L"):
-            data = stream.read(padded)[:size]
+            data = stream.read(padded)
+            if len(data) < padded:
+                raise EOFError("truncated tar header")
+            data = data[:size]
             long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode("utf-8")
             continue
+        name = long_name or _ustar_name(header)
         if kind not in (b"0", b"\0"):
             if kind != b"g" and on_problem is not None:  # g: a global pax header, harmless
-                name = long_name or _ustar_name(header)
                 on_problem(f"unexpected tar member {name!r} (not a file)", None)
-            _skip(stream, padded)
+            _skip(stream, padded, name)
             long_name = None
             continue
-        name = long_name or _ustar_name(header)
         long_name = None
         if name.rpartition(".")[2] in skip_extensions:
-            _skip(stream, padded)
+            _skip(stream, padded, name)
             yield name, None
             continue
         data = stream.read(padded)
@@ -553,14 +563,19 @@ def _pax_path(records: bytes) -> str | None:
     return None
 
 
-def _skip(stream, count: int) -> None:
+def _skip(stream, count: int, name: str) -> None:
+    """Move past the ``count`` bytes of member ``name``; EOFError when the stream ends first."""
     if count == 0:
         return
     try:
-        stream.seek(count, io.SEEK_CUR)
+        # A file can be sought past its end without complaint: seek to the member's last byte
+        # and read it, to know the member is whole (the next header's block is read with it).
+        stream.seek(count - 1, io.SEEK_CUR)
+        count = 1
     except (OSError, io.UnsupportedOperation, AttributeError):
-        while count > 0:
-            chunk = stream.read(min(count, 1 << 20))
-            if not chunk:
-                raise EOFError("truncated tar member") from None
-            count -= len(chunk)
+        pass
+    while count > 0:
+        chunk = stream.read(min(count, 1 << 20))
+        if not chunk:
+            raise EOFError(f"truncated tar member {name}")
+        count -= len(chunk)
