@@ -24,6 +24,7 @@ from vsotools.training.loader import make_loader
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class EvaluationReport:
     checkpoint: Path

@@ -242,4 +242,3 @@ def _count(
         report.failed += 1
         if len(report.failures) < FAILURES_KEPT:
             report.failures.append({"line": line, "id": row["id"], "reason": row["error"]})
-
