@@ -94,6 +94,13 @@ def read_release(path: str | Path, format: ReleaseFormat) -> list[Anp]:
 
 def read_manifest(path: str | Path) -> list[Anp]:
     """Read a project manifest CSV (header ``anp,adjective,noun,sentiment``)."""
+    try:
+        return _read_manifest(path)
+    except csv.Error as exc:  # a field over the csv module's limit (128 KiB), a stray NUL
+        raise ManifestError(f"{path}: not a CSV manifest this reader takes ({exc})") from None
+
+
+def _read_manifest(path: str | Path) -> list[Anp]:
     lines = _read_lines(path)
     rows = csv.reader(io.StringIO("\n".join(lines)))
     header = next(rows, None)
@@ -104,7 +111,7 @@ def read_manifest(path: str | Path) -> list[Anp]:
     if tuple(h.strip() for h in header) != MANIFEST_HEADER:
         raise ManifestError(
             f"{path}:1: expected the header {','.join(MANIFEST_HEADER)}, got {','.join(header)!r}"
-            " (import a release file with `vsotools anps import SRC --format vso|mvso`)"
+            " (convert a release file first: `vsotools anps import`)"
         )
 
     def parse() -> Iterator[tuple[int, Anp]]:

@@ -284,6 +284,11 @@ class SampleDecoder:
         if self.gpu_decode:
             with Image.open(io.BytesIO(data)) as header:
                 width, height = header.size
+            # The GPU decoder has no pixel bound of its own: the CPU path's applies here too.
+            if width * height > image_rules.ImageLimits.max_pixels:
+                raise image_rules.ImageRejected(
+                    image_rules.TOO_MANY_PIXELS, f"{width}x{height} pixels"
+                )
             box = self._box(width, height, rng, scale=min(width, height) / decode_side(crop))
             return {"jpeg": np.frombuffer(data, dtype=np.uint8), "box": box}
         image = image_rules.load_rgb(data, shorter_side_at_least=decode_side(crop))
