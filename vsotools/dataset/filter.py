@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from vsotools.core.anps import anp_scores, label_for_score, read_manifest
 from vsotools.core.config import Recipe
 from vsotools.core.errors import VsoError
 from vsotools.core.text import clean_text, count_words
-from vsotools.dataset.folder import DatasetFolder
+from vsotools.dataset.folder import DatasetFolder, StageReport
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class FilterError(VsoError):
 
 
 @dataclass
-class FilterReport:
+class FilterReport(StageReport):
     """What ``filter_dataset`` did; written as ``DATA/filter-report.json``."""
 
     input: int = 0
@@ -94,16 +94,6 @@ class FilterReport:
     seconds: float = 0.0
     already_complete: bool = False
     """``filtered.parquet`` was already made from the same records and settings: nothing done."""
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        del data["already_complete"]
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> FilterReport:
-        known = {f for f in cls.__dataclass_fields__ if f != "already_complete"}
-        return cls(**{k: v for k, v in data.items() if k in known}, already_complete=True)
 
 
 # --- the rules, on single records and on plain lists ----------------------------------------
@@ -178,7 +168,7 @@ def filter_dataset(data_dir: str | Path, recipe: Recipe, *, progress: bool = Fal
         if folder.is_current("filter", fingerprint):
             saved = folder.read_report("filter")
             assert saved is not None
-            return FilterReport.from_json(saved)
+            return FilterReport.from_saved(saved)
         report = _filter(folder, dataset, recipe, progress)
         folder.finish("filter", recipe, report.to_json(), fingerprint)
     return report

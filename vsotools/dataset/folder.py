@@ -21,6 +21,7 @@ the fingerprint of ``filtered.parquet`` and the shard settings.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +39,24 @@ INCOMING_DIR = ".incoming"
 FILTERED_FILE = "filtered.parquet"
 FINGERPRINT = "fingerprint"
 """The key of a report that holds the fingerprint of what the output was made from."""
+
+
+class StageReport:
+    """A stage's report as its file holds it: every field but ``already_complete``, which says
+    whether this call found the output current and did nothing (``from_saved``)."""
+
+    already_complete: bool
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)  # type: ignore[call-overload]
+        del data["already_complete"]
+        return data
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> Any:
+        """The report a finished stage left, for a call that found its output current."""
+        known = {f for f in cls.__dataclass_fields__ if f != "already_complete"}  # type: ignore[attr-defined]
+        return cls(**{k: v for k, v in data.items() if k in known}, already_complete=True)
 
 
 class DatasetError(VsoError):

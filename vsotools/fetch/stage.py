@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,7 +33,7 @@ from vsotools.core.config import Recipe
 from vsotools.core.errors import ConfigError
 from vsotools.core.files import file_sha256
 from vsotools.core.schema import SOURCE_FLICKR, SOURCE_PAIRS
-from vsotools.dataset.folder import DatasetFolder
+from vsotools.dataset.folder import DatasetFolder, StageReport
 from vsotools.fetch.client import Credentials, FlickrClient, FoundPhoto
 from vsotools.fetch.download import Downloader, DownloadSettings, Outcome, read_local_image
 from vsotools.fetch.pairs import PairsError, read_pairs
@@ -48,7 +48,7 @@ NO_IMAGE_URL = "no_image_url"
 
 
 @dataclass(frozen=True)
-class FetchReport:
+class FetchReport(StageReport):
     """What a dataset folder holds once ``fetch`` has finished (counts cover every run)."""
 
     out: str
@@ -73,16 +73,6 @@ class FetchReport:
     """Runs that worked on the folder, killed ones included."""
     already_complete: bool = False
     """The folder already held this fetch, finished from the same inputs: nothing was done."""
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        del data["already_complete"]
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> FetchReport:
-        known = {f for f in cls.__dataclass_fields__ if f != "already_complete"}
-        return cls(**{k: v for k, v in data.items() if k in known}, already_complete=True)
 
 
 def fetch(
@@ -110,7 +100,7 @@ def fetch(
             saved = folder.read_report("fetch")
             assert saved is not None
             log.debug("%s already holds this fetch; nothing to do", folder)
-            return FetchReport.from_json(saved)
+            return FetchReport.from_saved(saved)
         report = _fetch(recipe, folder, pairs, credentials, retry_failed, progress)
         folder.finish("fetch", recipe, report.to_json(), fingerprint)
     return report
