@@ -149,13 +149,13 @@ def test_small_vso_file_parses(tmp_path):
     [
         ("vso", VSO_SNIPPET.replace("[sentiment: 1.20]", "[sentiment: high]"), "v.txt:3:"),
         ("vso", "\thappy_dog [sentiment: 1.50] [#imgs: 5]\n", "before any adjective header"),
-        ("vso", "happy_dog,1.5\n", "try --format mvso"),
+        ("vso", "happy_dog,1.5\n", "its format is mvso"),
         ("mvso", "happy_dog,1.5\nsad_rain\n", "v.txt:2: expected 'anp,score'"),
         ("mvso", "happy_dog,1.5\nsad_rain,-x\n", "v.txt:2: sentiment score '-x'"),
         ("mvso", "happy_dog,1.5\nsadrain,-1\n", "v.txt:2: 'sadrain' is not an adjective_noun"),
         ("mvso", "happy_dog,1.5\nsad_rain,-1\nhappy_dog,0.5\n", "v.txt:3: ANP 'happy_dog'"),
         ("mvso", "happy_dog,1.5\nsad_rain,nan\n", "not finite"),
-        ("mvso", VSO_SNIPPET, "try --format vso"),
+        ("mvso", VSO_SNIPPET, "its format is vso"),
         ("mvso", "\n\n", "no ANPs found"),
     ],
 )

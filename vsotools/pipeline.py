@@ -29,6 +29,7 @@ from typing import Any
 
 from vsotools.core.config import Recipe
 from vsotools.core.errors import ConfigError, ExistingOutput, VsoError
+from vsotools.training.folder import TrainingFolder
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def run_recipe(
     stage ends, for a caller that shows progress.
     """
     from vsotools.dataset.filter import filter_dataset
+    from vsotools.dataset.folder import DatasetFolder
     from vsotools.fetch.stage import fetch
     from vsotools.report import dataset_facts, write_report
     from vsotools.shards.format import read_manifest
@@ -114,7 +116,7 @@ def run_recipe(
 
     filtered = filter_dataset(data, recipe, progress=progress)
     if filtered.already_complete:
-        done("filter", False, f"{data / 'filtered.parquet'} is up to date")
+        done("filter", False, f"{DatasetFolder(data).filtered} is up to date")
     else:
         done("filter", True, f"{filtered.kept:,} of {filtered.input:,} photos kept")
 
@@ -130,7 +132,8 @@ def run_recipe(
         done(f"train {model}", ran, detail)
 
     for model, run_dir in runs.items():
-        evaluation = evaluate(run_dir / "checkpoint.pt", shards, split="test", progress=progress)
+        checkpoint = TrainingFolder(run_dir).selected
+        evaluation = evaluate(checkpoint, shards, split="test", progress=progress)
         outcome.results[model] = evaluation.metrics
     done("evaluate", True, f"{len(runs)} model(s) on the test split")
 
@@ -227,8 +230,8 @@ def _model_recipe(recipe: Recipe, model: str, runs: dict[str, Path]) -> Recipe:
     if model == FUSION and recipe.run.fusion_from_branches:
         model_recipe = model_recipe.override(
             {
-                "train.init_text": str(runs[TEXT] / "checkpoint.pt"),
-                "train.init_image": str(runs[IMAGE] / "checkpoint.pt"),
+                "train.init_text": str(TrainingFolder(runs[TEXT]).selected),
+                "train.init_image": str(TrainingFolder(runs[IMAGE]).selected),
             }
         )
     return model_recipe

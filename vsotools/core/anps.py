@@ -161,7 +161,7 @@ def _parse_vso(path: str | Path, lines: list[str]) -> Iterator[tuple[int, Anp]]:
             continue
         entry = _VSO_ANP.match(line)
         if entry is None:
-            hint = " (is this an MVSO file? try --format mvso)" if "," in line else ""
+            hint = " (is this an MVSO release? its format is mvso)" if "," in line else ""
             raise ManifestError(
                 f"{path}:{lineno}: not a VSO release line: {line.strip()[:80]!r}; expected an"
                 " adjective header like '1. beautiful [sentiment: 1.00] [#images: 18,487,527]'"
@@ -181,7 +181,7 @@ def _parse_mvso(path: str | Path, lines: list[str]) -> Iterator[tuple[int, Anp]]
             continue
         fields = line.split(",")
         if len(fields) != 2:
-            hint = " (is this a VSO file? try --format vso)" if "[sentiment:" in line else ""
+            hint = " (is this a VSO release? its format is vso)" if "[sentiment:" in line else ""
             raise ManifestError(
                 f"{path}:{lineno}: expected 'anp,score' (2 fields), got {len(fields)} fields:"
                 f" {line.strip()[:80]!r}{hint}"
