@@ -203,3 +203,36 @@ def restricted(store: FeatureStore | None, branches: frozenset[str]) -> FeatureS
     return FeatureStore(
         {b: store.rows[b] for b in branches}, {b: store.matrices[b] for b in branches}
     )
+
+
+class FrozenFeatures:
+    """The stored features of a model's frozen pretrained branches, computed when first needed
+    (``of``) and kept for the rest of the training."""
+
+    def __init__(
+        self,
+        model: SentimentNet,
+        pretrained: frozenset[str],
+        shard_set: ShardSet,
+        model_input: ModelInput,
+        config: TrainConfig,
+        context: distributed.Context,
+        folder: Path,
+        *,
+        dtype: torch.dtype | None,
+        check: bool,
+        progress: bool,
+    ) -> None:
+        self.pretrained = pretrained
+        self._compute = lambda branches: compute_features(
+            model, branches, shard_set, model_input, config, context, folder,
+            dtype=dtype, check=check, progress=progress,
+        )  # fmt: skip
+        self._store: FeatureStore | None = None
+
+    def of(self, frozen: frozenset[str]) -> FeatureStore | None:
+        """The features of the branches among ``frozen`` that are pretrained (None: none)."""
+        cached = frozen & self.pretrained
+        if cached and (self._store is None or not cached <= self._store.branches):
+            self._store = self._compute(cached)
+        return restricted(self._store, cached)

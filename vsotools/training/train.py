@@ -33,9 +33,8 @@ from vsotools.training import vocab as vocab_rules
 from vsotools.training.data import ModelInput, ShardSet, split_stream
 from vsotools.training.features import (
     FeatureStore,
-    compute_features,
+    FrozenFeatures,
     frozen_now,
-    restricted,
     without_branches,
 )
 from vsotools.training.folder import SELECTED_FILE, TrainingFolder, training_fingerprint
@@ -245,18 +244,10 @@ def _train(
         rank=context.rank,
     )
     dtype = autocast_dtype(config.precision, device)
-    store: FeatureStore | None = None
-
-    def features_for(frozen: frozenset[str]) -> FeatureStore | None:
-        """The stored features of the frozen pretrained branches, computed at first need."""
-        nonlocal store
-        cached = frozen & pretrained
-        if cached and (store is None or not cached <= store.branches):
-            store = compute_features(
-                model, cached, shard_set, model_input, config, context,
-                Path(config.features_dir or folder.root), dtype=dtype, check=check, progress=show,
-            )  # fmt: skip
-        return restricted(store, cached)
+    stored = FrozenFeatures(
+        model, pretrained, shard_set, model_input, config, context,
+        Path(config.features_dir or folder.root), dtype=dtype, check=check, progress=show,
+    )  # fmt: skip
 
     # --- where the loop starts ---
     epoch, step, history = 0, 0, []
@@ -278,7 +269,13 @@ def _train(
             frozen = frozen_now(model, config, epoch)
             _set_trainable(model, frozen)
             wrapped = _wrap(model, context)
-        features = features_for(frozen)
+            if frozen:
+                log.info(
+                    "from epoch %d: the %s branch stays frozen",
+                    epoch + 1,
+                    " and ".join(sorted(frozen)),
+                )
+        features = stored.of(frozen)
         cached = features.branches if features else frozenset()
         # Every random draw of an epoch follows from (seed, epoch, rank), so a resumed training
         # continues exactly as an uninterrupted one would.
@@ -329,7 +326,7 @@ def _train(
 
     # --- the selected model, scored once on the test split ---
     _load_selected(model, folder, selection.epoch, epoch, context)
-    features = features_for(_frozen_throughout(model, config))
+    features = stored.of(_frozen_throughout(model, config))
     cached = features.branches if features else frozenset()
     test = evaluate(
         model, data.stream("test", cached), config.workers, mover, dtype, context, "test",
@@ -651,10 +648,6 @@ def _set_trainable(model: SentimentNet, frozen: frozenset[str]) -> None:
                 parameter.requires_grad_(trainable and model.text.tune_vectors)  # type: ignore[union-attr]
             else:
                 parameter.requires_grad_(trainable)
-    if frozen:
-        log.info(
-            "frozen: the %s branch%s", " and ".join(sorted(frozen)), "es" if len(frozen) > 1 else ""
-        )
 
 
 def _parameter_groups(
