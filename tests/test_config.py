@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,15 @@ def test_cli_reports_recipe_errors_in_one_line(cli, tmp_path):
     assert result.err == f"vsotools: error: {recipe}: anps.pos_treshold: unknown key" + (
         " (known here: manifest, pos_threshold, neg_threshold)\n"
     )
+
+
+def test_settings_lists_each_setting_with_its_default_or_a_recipes_value(cli):
+    result = cli("settings", "filter", "--json")
+    assert result.code == 0, result.err
+    rows = {row["key"]: row for row in json.loads(result.out)["filter"]}
+    assert rows["min_words"]["value"] == "5" and "inclusive" in rows["min_words"]["help"]
+    result = cli("settings", "train", "--recipe", PIPELINES / "mvsa.toml", "--json")
+    values = {row["key"]: row["value"] for row in json.loads(result.out)["train"]}
+    assert values["text_encoder"] == '"minilm"' and values["frozen_branches"] == '["text", "image"]'
+    text = cli("settings", "shard").out
+    assert text.startswith("[shard]\n  image_size = 256\n")
