@@ -448,7 +448,7 @@ def tar_members(
 ) -> Iterator[tuple[str, bytes | None]]:
     """``(name, bytes)`` of each regular file of a tar stream, in order.
 
-    A small reader for the tars ``vsotools shard`` writes (webdataset's ``TarWriter``) and other
+    A small reader for the tars ``vsotools shard`` writes (Python's ``tarfile``) and other
     tools write: ustar headers with their checksum checked, pax ``path`` records and GNU long
     names. It parses each header with a few slices instead of ``tarfile``'s general machinery,
     which costs as much as decoding the JPEG (docs/performance.md). Members whose extension is

@@ -2,7 +2,7 @@
 
 ``encode_sample`` turns a filtered record and its stored image into the members of a shard
 sample (``schema.SAMPLE_*``); ``write_shard(job, part, records)`` writes a ``Part`` as one tar
-shard through webdataset's ``TarWriter`` and then its completion marker. It depends on nothing
+shard (a tar of ``KEY.EXT`` members, as webdataset reads them) and then its completion marker. It depends on nothing
 but its arguments, so a local process pool (``shards.pool``) maps it over the parts today and
 an existing distributed engine (Ray, Dask, Spark) could map it over the same parts tomorrow.
 """
@@ -10,15 +10,14 @@ an existing distributed engine (Ray, Dask, Spark) could map it over the same par
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from webdataset import TarWriter
 
 from vsotools.core import images
 from vsotools.core.files import HashingStream, UnsafeFile, contained_path, read_regular_file
@@ -26,7 +25,6 @@ from vsotools.core.schema import (
     LABEL_NAMES,
     SAMPLE_CLASS,
     SAMPLE_IMAGE,
-    SAMPLE_KEY,
     SAMPLE_META,
     SAMPLE_META_FIELDS,
     SAMPLE_TEXT,
@@ -162,7 +160,8 @@ def write_shard(
     info = None
     with contextlib.suppress(_Empty), job.location.open_atomic(part.name) as fh:
         out = HashingStream(fh)
-        with _tar_writer(out) as tar:
+        # GNU headers: plain for names of up to 100 characters, a long-name entry beyond.
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for record in records:
                 try:
                     image = read_image(job.data_dir, record["image_path"], job.max_bytes)
@@ -172,7 +171,7 @@ def write_shard(
                 except Skipped as exc:
                     skipped.append(_skip_entry(part.split, record, exc))
                 else:
-                    tar.write({SAMPLE_KEY: sample_key(record["photo_id"]), **sample})
+                    _add_sample(tar, sample_key(record["photo_id"]), sample)
                     samples += 1
                     labels[LABEL_NAMES[record["label"]]] += 1
                 if on_record:
@@ -185,17 +184,14 @@ def write_shard(
     return result
 
 
-@contextlib.contextmanager
-def _tar_writer(stream: Any) -> Iterator[TarWriter]:
-    """webdataset's writer with fixed member metadata, so that a shard written twice has the
-    same bytes; GNU headers, so that a key of more than 100 characters gets a long-name entry."""
-    writer = TarWriter(
-        stream, user="", group="", mode=0o644, mtime=0, encoder=False, format="GNU_FORMAT"
-    )
-    try:
-        yield writer
-    finally:
-        writer.close()
+def _add_sample(tar: tarfile.TarFile, key: str, sample: Mapping[str, bytes]) -> None:
+    # TarInfo's defaults (mtime 0, mode 0o644, uid/gid 0, no user names) keep shards
+    # reproducible. Not webdataset's TarWriter: importing webdataset imports torch, which costs
+    # every shard writer process 1.5 s of CPU (docs/performance.md, shard).
+    for extension, data in sample.items():
+        member = tarfile.TarInfo(f"{key}.{extension}")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
 
 
 def _skip_entry(split: str, record: Mapping[str, Any], exc: Skipped) -> dict[str, Any]:
