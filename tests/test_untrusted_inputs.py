@@ -455,6 +455,38 @@ def test_two_shard_writers_into_one_folder_one_is_refused_at_once(tmp_path):
     assert result.returncode == 0 and result.stdout.startswith("OK: ")
 
 
+def test_a_second_writer_that_comes_before_the_holder_has_written_its_id_names_no_dead_one(
+    tmp_path,
+):
+    """The lock is taken a moment before the holder's id is written; a second writer arriving in
+    between, over the id a killed writer left, must not name that dead process."""
+    folder = tmp_path / "set"
+    folder.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / LOCK_NAME).write_text(f"{dead.pid}\n")
+    holder = subprocess.Popen(  # takes the lock and never writes its id
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(folder / LOCK_NAME)!r}, os.O_RDWR)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "print('held', flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    with killed_at_the_end(holder):
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(FolderBusy) as refused, folder_lock(folder, "this shard set"):
+            pass
+    assert "is being written by another process;" in str(refused.value)
+    assert str(dead.pid) not in str(refused.value)
+
+
 @pytest.mark.slow
 def test_a_killed_shard_writer_leaves_no_lock_behind(cli, tmp_path):
     data = tmp_path / "data"

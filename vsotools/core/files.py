@@ -15,6 +15,7 @@ import json
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -150,16 +151,45 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, by system
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
+            holder = _lock_holder(fd)
+            by = f"process {holder}" if holder else "another process"
             raise FolderBusy(
-                f"{folder}: {what} is being written by process {holder}; wait for it to finish"
+                f"{folder}: {what} is being written by {by}; wait for it to finish"
                 " (or stop it), then run again"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # One fixed-width write: a second writer never reads half of an old and a new id.
+        os.pwrite(fd, f"{os.getpid():<{_PID_WIDTH - 1}}\n".encode(), 0)
+        os.ftruncate(fd, _PID_WIDTH)
         yield
     finally:
         os.close(fd)
+
+
+_PID_WIDTH = 20
+
+
+def _lock_holder(fd: int, patience: float = 1.0) -> int | None:
+    """The lock holder's process id, or None. A writer takes the lock a moment before it writes
+    its id (over that of a writer that died, if any), so a second writer that arrives in between
+    waits up to ``patience`` seconds for a live one."""
+    deadline = time.monotonic() + patience
+    while True:
+        text = os.pread(fd, _PID_WIDTH, 0).decode("ascii", "replace").strip()
+        if text.isdigit() and _alive(int(text)):
+            return int(text)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 # --- reading input files that may be anything -------------------------------------------------
