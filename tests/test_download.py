@@ -42,6 +42,14 @@ class Handler(BaseHTTPRequestHandler):
                 self.answer(429, "text/html", b"slow down")
             else:
                 self.answer(200, "image/jpeg", PHOTO)
+        elif self.path == "/odd-retry.jpg":  # a Retry-After in digits that int() refuses
+            if n == 1:
+                self.send_response(503)
+                self.send_header("Retry-After", "\u00b2")  # "²", sent as the byte 0xB2
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.answer(200, "image/jpeg", PHOTO)
         elif self.path == "/gone.jpg":
             self.answer(404, "text/html", b"")
         elif self.path == "/page.html":
@@ -121,6 +129,12 @@ def test_transient_errors_are_retried_but_404_is_not(host):
         assert d.get(f"{host}/flaky.jpg").ok
         assert d.get(f"{host}/gone.jpg").error == "http_404"
     assert Handler.hits["/flaky.jpg"] == 3 and Handler.hits["/gone.jpg"] == 1
+
+
+def test_a_retry_after_that_is_no_number_is_ignored_not_raised(host):
+    with downloader() as d:
+        assert d.get(f"{host}/odd-retry.jpg").ok
+    assert Handler.hits["/odd-retry.jpg"] == 2
 
 
 @pytest.mark.parametrize(

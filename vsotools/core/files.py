@@ -174,9 +174,9 @@ def _lock_holder(fd: int, patience: float = 1.0) -> int | None:
     waits up to ``patience`` seconds for a live one."""
     deadline = time.monotonic() + patience
     while True:
-        text = os.pread(fd, _PID_WIDTH, 0).decode("ascii", "replace").strip()
-        if text.isdigit() and _alive(int(text)):
-            return int(text)
+        pid = whole_number(os.pread(fd, _PID_WIDTH, 0).decode("ascii", "replace"))
+        if pid is not None and _alive(pid):
+            return pid
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.01)
@@ -193,6 +193,17 @@ def _alive(pid: int) -> bool:
 
 
 # --- reading input files that may be anything -------------------------------------------------
+
+
+def whole_number(text: str, max_digits: int = 18) -> int | None:
+    """``text`` as a whole number of at most ``max_digits`` ASCII digits (white space around it
+    allowed), or None. Not ``str.isdigit``: it also accepts digits such as "²" that ``int``
+    refuses, and ``int`` of thousands of digits is refused or slow; what a server or a file
+    says is checked with this."""
+    text = text.strip()
+    if 0 < len(text) <= max_digits and text.isascii() and text.isdigit():
+        return int(text)
+    return None
 
 
 class UnsafeFile(VsoError):

@@ -9,6 +9,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from vsotools.core.files import whole_number
+
 
 class TokenBucket:
     """Allows ``rate`` acquisitions per second on average and at most ``capacity`` back to back.
@@ -89,8 +91,8 @@ def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if (seconds := whole_number(value)) is not None:
+        return float(seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):

@@ -53,6 +53,7 @@ from urllib.parse import parse_qsl, urlsplit
 from PIL import Image
 
 from vsotools.core.errors import VsoError
+from vsotools.core.files import whole_number
 
 log = logging.getLogger(__name__)
 
@@ -612,7 +613,8 @@ def _filter_photos(photos: list[CorpusPhoto], params: Mapping[str, str]) -> list
 
 def _sort_photos(photos: list[CorpusPhoto], sort: str) -> list[CorpusPhoto]:
     def id_key(p: CorpusPhoto) -> tuple[int, str]:
-        return (int(p.id), p.id) if p.id.isdigit() else (-1, p.id)
+        number = whole_number(p.id)
+        return (-1, p.id) if number is None else (number, p.id)
 
     if sort.startswith("date-taken"):
         ordered = sorted(photos, key=lambda p: (p.datetaken, id_key(p)))

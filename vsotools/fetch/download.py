@@ -36,7 +36,7 @@ from urllib3.util import parse_url
 
 from vsotools import __version__
 from vsotools.core.config import FetchConfig
-from vsotools.core.files import UnsafeFile, contained_path, read_regular_file
+from vsotools.core.files import UnsafeFile, contained_path, read_regular_file, whole_number
 from vsotools.core.images import (
     NOT_AN_IMAGE,
     TOO_LARGE,
@@ -369,8 +369,8 @@ class Downloader:
         if content_type and not content_type.startswith(_ACCEPTED_TYPES):
             return Outcome.failed(NOT_AN_IMAGE, f"Content-Type {content_type}")
         limit = self.settings.limits.max_bytes
-        declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > limit:
+        declared = whole_number(response.headers.get("Content-Length", ""))
+        if declared is not None and declared > limit:
             return Outcome.failed(TOO_LARGE, f"{declared} bytes > {limit}")
         chunks: list[bytes] = []
         size = 0

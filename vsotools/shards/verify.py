@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vsotools.core.errors import VsoError
-from vsotools.core.files import HashingStream
+from vsotools.core.files import HashingStream, whole_number
 from vsotools.core.schema import (
     LABEL_NAMES,
     SAMPLE_CLASS,
@@ -204,8 +204,9 @@ def check_sample(
     label = None
     if SAMPLE_CLASS in members:
         text = members[SAMPLE_CLASS].decode("ascii", "replace").strip()
-        if text.isdigit() and int(text) < len(LABEL_NAMES):
-            label = LABEL_NAMES[int(text)]
+        index = whole_number(text)
+        if index is not None and index < len(LABEL_NAMES):
+            label = LABEL_NAMES[index]
         else:
             problem(f".{SAMPLE_CLASS} is {text!r}, not a class index", key)
     if SAMPLE_META in members:
