@@ -757,14 +757,11 @@ class Recipe:
         for section in _sections(self):
             getattr(self, section).validate()
 
-    def override(
-        self, values: Mapping[str, Any], base_dir: Path | None = None, *, validate: bool = True
-    ) -> Recipe:
-        """A copy with ``{"section.key": value}`` applied; values are typed Python objects.
+    def override(self, values: Mapping[str, Any], base_dir: Path | None = None) -> Recipe:
+        """A checked copy with ``{"section.key": value}`` applied; values are typed Python objects.
 
-        Relative paths are resolved against ``base_dir`` (default: the current directory). With
-        ``validate=False`` the copy is not checked, so that several layers of overrides can be
-        applied before one check of the final recipe.
+        Relative paths are resolved against ``base_dir`` (default: the current directory). Apply
+        several layers as one mapping, so that only the final recipe is checked.
         """
         recipe = copy.deepcopy(self)
         base = Path.cwd() if base_dir is None else base_dir
@@ -772,13 +769,10 @@ class Recipe:
             section, key = _split_key(dotted)
             target = recipe if section is None else getattr(recipe, section)
             setattr(target, key, _coerce(target, key, value, dotted, base))
-        if validate:
-            recipe.validate()
+        recipe.validate()
         return recipe
 
-    def override_strings(
-        self, assignments: Sequence[str], base_dir: Path | None = None, *, validate: bool = True
-    ) -> Recipe:
+    def override_strings(self, assignments: Sequence[str], base_dir: Path | None = None) -> Recipe:
         """Apply ``section.key=value`` strings, each parsed by the key's declared type."""
         values: dict[str, Any] = {}
         for assignment in assignments:
@@ -786,24 +780,19 @@ class Recipe:
             if not sep:
                 raise ConfigError(f"{assignment!r}: expected section.key=value")
             values[dotted.strip()] = parse_setting(dotted.strip(), text.strip())
-        return self.override(values, base_dir, validate=validate)
+        return self.override(values, base_dir)
 
 
-def load_recipe(
-    path: str | Path | None = None, overrides: Sequence[str] = (), *, validate: bool = True
-) -> Recipe:
+def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Recipe:
     """A recipe file (or, without one, the built-in defaults) with ``section.key=value``
     ``overrides`` applied in order, validated once at the end.
 
     Relative paths in the file are resolved against its folder, those in overrides against the
     current directory. An error found in the file alone names the file.
     """
+    # The built-in defaults are valid; a file is checked here only when nothing follows it.
     recipe = Recipe() if path is None else _read_recipe_file(Path(path), validate=not overrides)
-    if not overrides:
-        if validate:
-            recipe.validate()
-        return recipe
-    return recipe.override_strings(overrides, validate=validate)
+    return recipe.override_strings(overrides) if overrides else recipe
 
 
 def _read_recipe_file(path: Path, *, validate: bool) -> Recipe:
