@@ -163,11 +163,10 @@ def filter_dataset(data_dir: str | Path, recipe: Recipe, *, progress: bool = Fal
     """
     folder = DatasetFolder(data_dir)
     dataset = _open_metadata(folder)
-    fingerprint = folder.filter_fingerprint(recipe)
     with folder.lock():
-        if folder.is_current("filter", fingerprint):
-            saved = folder.read_report("filter")
-            assert saved is not None
+        fingerprint = folder.filter_fingerprint(recipe)
+        saved = folder.current_report("filter", fingerprint)
+        if saved is not None:
             return FilterReport.from_saved(saved)
         report = _filter(folder, dataset, recipe, progress)
         folder.finish("filter", recipe, report.to_json(), fingerprint)

@@ -101,14 +101,6 @@ class DatasetFolder:
             return []
         return sorted(self.metadata_dir.glob("part-*.parquet"))
 
-    def latest_recipe(self) -> Path | None:
-        """The recipe of the last stage that ran here (filter's, else fetch's), if any: what a
-        next stage run without a recipe of its own should follow."""
-        for stage in ("filter", "fetch"):
-            if self.recipe_file(stage).is_file():
-                return self.recipe_file(stage)
-        return None
-
     # --- reports and fingerprints ---------------------------------------------------------------
 
     def read_report(self, stage: Stage) -> dict[str, Any] | None:
@@ -131,19 +123,21 @@ class DatasetFolder:
         write_recipe(recipe, self.recipe_file(stage))
         atomic_write_json(self.report_file(stage), {**report, FINGERPRINT: fingerprint})
 
-    def is_current(self, stage: Stage, fingerprint: str) -> bool:
-        """Whether ``stage`` finished here from the inputs and settings ``fingerprint`` stands for."""
+    def current_report(self, stage: Stage, fingerprint: str) -> dict[str, Any] | None:
+        """``stage``'s report when it finished here from the inputs and settings ``fingerprint``
+        stands for; None when it has not, or from others."""
         report = self.read_report(stage)
-        return report is not None and report.get(FINGERPRINT) == fingerprint
+        return report if report is not None and report.get(FINGERPRINT) == fingerprint else None
 
-    def fetch_fingerprint(self, recipe: Recipe) -> str:
+    def fetch_fingerprint(self, recipe: Recipe, pairs_sha256: str | None) -> str:
         """What a fetch output is made from: the settings that shape it, and the bytes of the
-        pairs file or of the ANP manifest whose ANPs it searched."""
+        pairs file (their sha256, which the fetch reads anyway) or of the ANP manifest whose
+        ANPs it searched."""
         return json_sha256(
             {
                 "anps": output_settings(recipe.anps),
                 "fetch": output_settings(recipe.fetch),
-                "pairs": _optional_sha256(recipe.fetch.pairs),
+                "pairs": pairs_sha256,
                 "manifest": None if recipe.fetch.pairs else _optional_sha256(recipe.anps.manifest),
             }
         )

@@ -94,14 +94,14 @@ def fetch(
     pairs = Path(recipe.fetch.pairs) if recipe.fetch.pairs else None
     if pairs is None and credentials is None:
         raise ConfigError("a crawl needs Flickr credentials (FLICKR_API_KEY)")
-    fingerprint = folder.fetch_fingerprint(recipe)
     with folder.lock():
-        if not retry_failed and folder.is_current("fetch", fingerprint):
-            saved = folder.read_report("fetch")
-            assert saved is not None
+        pairs_sha256 = None if pairs is None else _pairs_sha256(pairs)
+        fingerprint = folder.fetch_fingerprint(recipe, pairs_sha256)
+        saved = None if retry_failed else folder.current_report("fetch", fingerprint)
+        if saved is not None:
             log.debug("%s already holds this fetch; nothing to do", folder)
             return FetchReport.from_saved(saved)
-        report = _fetch(recipe, folder, pairs, credentials, retry_failed, progress)
+        report = _fetch(recipe, folder, pairs, pairs_sha256, credentials, retry_failed, progress)
         folder.finish("fetch", recipe, report.to_json(), fingerprint)
     return report
 
@@ -110,6 +110,7 @@ def _fetch(
     recipe: Recipe,
     folder: DatasetFolder,
     pairs: Path | None,
+    pairs_sha256: str | None,
     credentials: Credentials | None,
     retry_failed: bool,
     progress: bool,
@@ -141,7 +142,8 @@ def _fetch(
             ) as workers,
         ):
             if pairs is not None:
-                _load_pairs(store, pairs)
+                assert pairs_sha256 is not None
+                _load_pairs(store, pairs, pairs_sha256)
             before = store.counts()
             bars.start(before.photos, before.downloaded + before.failed, before.anps_done)
             for photo in store.pending():
@@ -287,9 +289,9 @@ def _host(url: str) -> str:
 # --- pairs ----------------------------------------------------------------------------------
 
 
-def _load_pairs(store: Store, path: Path) -> None:
-    """Read the pairs file into the state once (one transaction: all rows or none)."""
-    digest = _pairs_sha256(path)
+def _load_pairs(store: Store, path: Path, digest: str) -> None:
+    """Read the pairs file (whose sha256 is ``digest``) into the state once (one transaction:
+    all rows or none)."""
     loaded = store.meta(PAIRS_SHA256)
     if loaded is not None:
         if loaded != digest:
