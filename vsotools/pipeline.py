@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vsotools.core.config import Recipe
-from vsotools.core.errors import ConfigError, ExistingOutput, VsoError
+from vsotools.core.errors import ConfigError, VsoError
 from vsotools.training.folder import TrainingFolder
 
 log = logging.getLogger(__name__)
@@ -120,15 +120,18 @@ def run_recipe(
     else:
         done("filter", True, f"{filtered.kept:,} of {filtered.input:,} photos kept")
 
-    shard_report = _write_shards(write_shards, recipe, data, shards, progress)
+    # The work folder's shard set is the pipeline's own, derived from the data beside it: one
+    # written from other data or settings is replaced.
+    shard_report = write_shards(recipe, data, shards, replace_other=True, progress=progress)
     samples = sum(s.samples for s in shard_report.splits.values())
     if shard_report.already_complete:
         done("shard", False, f"{shards} is complete and current")
     else:
         done("shard", True, f"{shard_report.written} shards, {samples:,} samples")
+    manifest = read_manifest(str(shards))
 
     for model in runs:
-        ran, detail = _train_model(recipe, model, runs, shards, progress)
+        ran, detail = _train_model(recipe, model, runs, shards, manifest.fingerprint, progress)
         done(f"train {model}", ran, detail)
 
     for model, run_dir in runs.items():
@@ -137,8 +140,7 @@ def run_recipe(
         outcome.results[model] = evaluation.metrics
     done("evaluate", True, f"{len(runs)} model(s) on the test split")
 
-    labels = read_manifest(str(shards))
-    facts = dataset_facts(data, {split: labels.labels(split) for split in labels.splits})
+    facts = dataset_facts(data, {split: manifest.labels(split) for split in manifest.splits})
     title = f"vsotools run: {recipe.name}"
     outcome.report = write_report(workdir / "report.html", runs, facts=facts, title=title)
     for model, run_dir in runs.items():
@@ -150,28 +152,22 @@ def run_recipe(
     return outcome
 
 
-def _write_shards(write_shards, recipe: Recipe, data: Path, shards: Path, progress: bool):
-    """The work folder's shard set, rewritten when the data or shard settings changed: the set
-    is the pipeline's own, derived from the data beside it."""
-    try:
-        return write_shards(recipe, data, shards, progress=progress)
-    except ExistingOutput as exc:
-        log.warning("%s: writing it again", exc)
-        return write_shards(recipe, data, shards, overwrite=True, progress=progress)
-
-
 def _train_model(
-    recipe: Recipe, model: str, runs: dict[str, Path], shards: Path, progress: bool
+    recipe: Recipe,
+    model: str,
+    runs: dict[str, Path],
+    shards: Path,
+    shards_fingerprint: str,
+    progress: bool,
 ) -> tuple[bool, str]:
     """Train ``model`` unless its training folder already holds it, finished and current;
     returns whether it trained, and what happened."""
-    from vsotools.shards.format import read_manifest
-    from vsotools.training.folder import TrainingFolder, training_fingerprint
+    from vsotools.training.folder import training_fingerprint
     from vsotools.training.train import train
 
     model_recipe = _model_recipe(recipe, model, runs)
     folder = TrainingFolder(runs[model])
-    fingerprint = training_fingerprint(model_recipe, read_manifest(str(shards)).fingerprint)
+    fingerprint = training_fingerprint(model_recipe, shards_fingerprint)
     status = folder.status(model_recipe, fingerprint)
     if status == "finished":
         return False, f"{folder} is finished and current"

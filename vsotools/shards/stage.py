@@ -103,6 +103,7 @@ def write_shards(
     out: str | Path,
     *,
     overwrite: bool = False,
+    replace_other: bool = False,
     progress: bool = False,
 ) -> ShardReport:
     """Write the dataset's ``filtered.parquet`` and its images as a shard set at ``out``.
@@ -110,8 +111,9 @@ def write_shards(
     ``out`` is a local folder or an fsspec URL (``s3://bucket/prefix``). A location that holds
     the complete set of this very input and configuration is left as it is; one holding an
     unfinished run of it is finished; one holding a set written from other input or settings is
-    refused (``ExistingOutput``) unless ``overwrite``, which deletes that set first. A local
-    folder is held by one writing process at a time.
+    refused (``ExistingOutput``) unless ``replace_other``, which deletes that set first (with a
+    warning). ``overwrite`` deletes whatever the location holds and writes the set afresh. A
+    local folder is held by one writing process at a time.
     """
     folder = DatasetFolder(data_dir)
     table = read_filtered(folder)
@@ -121,7 +123,8 @@ def write_shards(
     location = Location(out)
     location.prepare()
     with _lock(location):
-        return _write_shards(recipe, folder, table, build, location, overwrite, progress)
+        previous = _previous_set(location, build, overwrite, replace_other)
+        return _write_shards(recipe, folder, table, build, location, previous, progress)
 
 
 def _write_shards(
@@ -130,16 +133,15 @@ def _write_shards(
     table: pa.Table,
     build: dict[str, Any],
     location: Location,
-    overwrite: bool,
+    previous: PreviousSet,
     progress: bool,
 ) -> ShardReport:
     config = recipe.shard
-    previous = _previous_set(location, build, overwrite)
     if previous.state == "complete":
         assert previous.manifest is not None
         log.debug("%s already holds this shard set; nothing to do", location)
         return _report(location, previous.manifest, already_complete=True)
-    if overwrite:
+    if previous.clear:
         clear_shard_set(location)
     _remove_temporaries(location)
 
@@ -201,18 +203,32 @@ def _build(config: ShardConfig, folder: DatasetFolder, records: int) -> dict[str
 @dataclass(frozen=True)
 class PreviousSet:
     """What a location holds before a run: nothing of ours, the complete set of this build (its
-    manifest), or an unfinished run of it (its job: how the set is cut)."""
+    manifest), or an unfinished run of it (its job: how the set is cut); ``clear`` when what it
+    holds is to be deleted first."""
 
     state: Literal["none", "complete", "unfinished"]
     manifest: ShardManifest | None = None
     job: dict[str, Any] | None = None
+    clear: bool = False
 
 
-def _previous_set(location: Location, build: dict[str, Any], overwrite: bool) -> PreviousSet:
-    """What ``location`` holds of this build; refuses, unless ``overwrite``, a location holding
-    a set or shard files of another build."""
+def _previous_set(
+    location: Location, build: dict[str, Any], overwrite: bool, replace_other: bool
+) -> PreviousSet:
+    """What ``location`` holds of this build; a location holding a set or shard files of
+    another build is refused, unless ``replace_other``."""
     if overwrite:
-        return PreviousSet("none")
+        return PreviousSet("none", clear=True)
+    try:
+        return _held_set(location, build)
+    except ExistingOutput as exc:
+        if not replace_other:
+            raise
+        log.warning("%s: writing it again", exc)
+        return PreviousSet("none", clear=True)
+
+
+def _held_set(location: Location, build: dict[str, Any]) -> PreviousSet:
     manifest = _read_json(location, MANIFEST_NAME)
     job = _read_json(location, JOB_NAME)
     if manifest is not None:
