@@ -19,6 +19,13 @@ def test_filtered_record_and_arrow_schema_agree():
     assert list(typing.get_type_hints(schema.FilteredRecord)) == schema.FILTERED_SCHEMA.names
 
 
+def test_filter_reads_photo_fields_and_every_one_it_carries_into_the_filtered_records():
+    read = schema.PHOTO_FILTER_FIELDS
+    assert set(read) <= set(schema.PHOTO_SCHEMA.names)
+    carried = set(schema.PHOTO_SCHEMA.names) & set(schema.FILTERED_SCHEMA.names)
+    assert carried <= set(read)
+
+
 def test_photo_schema_holds_the_fetch_contract():
     required = {
         "photo_id", "anps", "label", "title", "description", "tags", "owner", "license",

@@ -93,6 +93,24 @@ PHOTO_SOURCE_FIELDS: Final = tuple(
 )
 """The fields that the photo's source gives (a search result or a pairs row): ``source`` to
 ``image_url`` but ``anps``, which fetch gathers from every search that found the photo."""
+PHOTO_FILTER_FIELDS: Final = (
+    "photo_id",
+    "source",
+    "anps",
+    "label",
+    "title",
+    "description",
+    "tags",
+    "owner",
+    "license",
+    "image_url",
+    "image_path",
+    "status",
+    "sha256",
+)
+"""The fields ``filter`` reads: what it labels, counts and deduplicates by, and what it carries
+into the filtered records. The others (owner name, dates, the served image's size) it does not
+read, nor need."""
 
 
 class PhotoRecord(TypedDict):

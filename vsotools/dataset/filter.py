@@ -197,7 +197,7 @@ def _filter(
             ) as bar,
             _word_counter(cfg.workers) as counter,
         ):
-            # this generates a stream of pyarrow batches of photo records (schema.PHOTO_SCHEMA)
+            # Batches of photo records, of the fields filter reads (schema.PHOTO_FILTER_FIELDS).
             for batch in _batches(dataset):
                 rows = batch.to_pylist()
                 report.input += len(rows)
@@ -251,7 +251,7 @@ def _open_metadata(folder: DatasetFolder) -> ds.Dataset:
         dataset = ds.dataset(files, format="parquet")
     except (pa.ArrowInvalid, OSError) as exc:
         raise FilterError(f"{folder.metadata_dir}: cannot read the photo records ({exc})") from None
-    missing = [c for c in schema.PHOTO_SCHEMA.names if c not in dataset.schema.names]
+    missing = [c for c in schema.PHOTO_FILTER_FIELDS if c not in dataset.schema.names]
     if missing:
         raise FilterError(
             f"{folder.metadata_dir}: photo records lack the columns {', '.join(missing)}"
@@ -267,7 +267,7 @@ def _batches(dataset: ds.Dataset) -> Iterator[pa.RecordBatch]:
     """
     for path in dataset.files:
         yield from pq.ParquetFile(path).iter_batches(
-            batch_size=_BATCH_ROWS, columns=schema.PHOTO_SCHEMA.names
+            batch_size=_BATCH_ROWS, columns=list(schema.PHOTO_FILTER_FIELDS)
         )
 
 
