@@ -24,7 +24,6 @@ import hashlib
 import logging
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -42,6 +41,7 @@ from vsotools.core import schema
 from vsotools.core.anps import anp_scores, label_for_score, read_manifest
 from vsotools.core.config import Recipe
 from vsotools.core.errors import VsoError
+from vsotools.core.processes import exit_with_parent
 from vsotools.core.text import clean_text, count_words
 from vsotools.dataset.folder import DatasetFolder, StageReport
 
@@ -429,18 +429,6 @@ def _count_all(texts: list[str]) -> list[int]:
     return [count_words(t) for t in texts]
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Start a word-counting process's watchdog: it ends the process once ``parent`` is gone
-    (killed, out of memory), where a pool's process would otherwise wait for work for ever."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 @contextlib.contextmanager
 def _word_counter(workers: int) -> Iterator[_WordCounter]:
     """A word counter using ``workers`` processes (0: one per core) for large batches."""
@@ -449,6 +437,6 @@ def _word_counter(workers: int) -> Iterator[_WordCounter]:
         yield _WordCounter(None, 1)
         return
     with ProcessPoolExecutor(
-        workers, initializer=_exit_with_parent, initargs=(os.getpid(),)
+        workers, initializer=exit_with_parent, initargs=(os.getpid(),)
     ) as pool:
         yield _WordCounter(pool, workers)

@@ -12,8 +12,6 @@ import functools
 import multiprocessing
 import os
 import queue
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -23,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 from tqdm import tqdm
 
+from vsotools.core.processes import exit_with_parent
 from vsotools.shards.format import ShardError
 from vsotools.shards.plan import Part
 from vsotools.shards.write import PartResult, ShardJob, write_shard
@@ -33,20 +32,8 @@ _progress_queue: Any = None
 def _init_worker(progress_queue: Any, parent: int) -> None:
     global _progress_queue
     _progress_queue = progress_queue
-    # ``parent`` comes from the parent itself: had it died while this process was starting,
-    # os.getppid() would already name whichever process adopted this one.
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-
-
-def _exit_with_parent(parent: int) -> None:
-    """End this worker when the process that started it is gone (killed, out of memory).
-
-    A pool worker otherwise waits for work forever; an unfinished shard is only a temporary
-    file, which the next run removes.
-    """
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(1)
+    # A worker left behind by a killed run leaves only a temporary file, which the next removes.
+    exit_with_parent(parent)
 
 
 class _QueueCounter:
