@@ -4,7 +4,7 @@ Generates N photo records (default 1,000,000) shaped like a Flickr crawl (descri
 200 words with HTML and URLs, about a third empty, bulk uploads, repeated images) in Parquet parts
 as fetch writes them, then runs, each in a fresh process:
 
-- `filter`: vsotools.filter.filter_dataset with the paper's recipe;
+- `filter`: vsotools.dataset.filter.filter_dataset with the paper's recipe;
 - `reference`: the obvious pandas approach: read all records into one DataFrame and count words
   with nltk's TweetTokenizer row by row (no labels, no split, no output);
 - `floor`: the same word counting alone, on the texts held in a list, in one process.

@@ -1,18 +1,20 @@
 """Reading shards: vsotools' tar reader against webdataset's, in one run.
 
-vsotools writes shards with webdataset's ``TarWriter`` but reads them with a small reader of its
-own (``vsotools.shards.format.read_shard``: a few slices per header, checksums checked), which
-the training loader and ``vsotools verify`` share. This measures whether it earns its place:
-samples per second of grouping the members of the same shards into samples, with the member
-bytes in memory and no decoding, for
+vsotools writes shards with Python's ``tarfile`` (``vsotools.shards.write``, GNU headers) and
+reads them with a small reader of its own (``vsotools.shards.format.read_shard``: a few slices
+per header, checksums checked), which the training loader and ``vsotools verify`` share. This
+measures whether the reader earns its place: samples per second of grouping the members of the
+same shards into samples, with the member bytes in memory and no decoding, for
 
 - webdataset: ``tariterators.tar_file_expander`` + ``group_by_keys`` (the reference);
 - Python's ``tarfile`` streaming (``r|``), grouped by key;
 - vsotools: ``read_shard`` with the manifest check off, and with images skipped over (what a
   text model reads).
 
-The shards are written here with ``TarWriter``: 256-pixel JPEGs of generated pictures, short
-texts, as ``vsotools shard`` writes them.
+The shards are written here with webdataset's ``TarWriter`` (GNU format, mtime 0, no encoding),
+not with vsotools' writer: 256-pixel JPEGs of generated pictures, short texts, and the member
+kinds (``jpg``, ``txt``, ``json``, ``cls``) of a ``vsotools shard`` sample, so the readers see
+the same layout of GNU headers and member bytes.
 
     .venv/bin/python benchmarks/tar_reader.py [--samples 4000] [--repeats 5]
 """

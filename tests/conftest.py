@@ -54,10 +54,19 @@ def cli(capsys: pytest.CaptureFixture[str]):
     return run
 
 
+def vsotools_command() -> list[str]:
+    """The command line that starts ``vsotools``: the installed console script beside this
+    interpreter, or ``python -m vsotools`` with this interpreter where there is none."""
+    exe = Path(sys.executable).with_name("vsotools")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "vsotools"]
+
+
 def run_vsotools(*args: str | os.PathLike[str], **kwargs) -> subprocess.CompletedProcess[str]:
     """Run the installed ``vsotools`` console script (the same interpreter's) as a subprocess."""
-    exe = Path(sys.executable).with_name("vsotools")
-    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "vsotools"]
     return subprocess.run(
-        [*command, *map(str, args)], capture_output=True, text=True, check=False, **kwargs
+        [*vsotools_command(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        **kwargs,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,34 @@ def write_metadata(data_dir: Path, records: list[dict[str, Any]], part: int = 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(records, schema=schema.PHOTO_SCHEMA), path)
     return path
+
+
+def write_pairs(path: Path, images: dict[str, str], text: str = "a sunny day {id}") -> Path:
+    """A JSONL pairs file: one positive pair per ``id -> image``, its text ``text`` with ``{id}``
+    replaced by the pair's id."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        json.dumps(
+            {"id": pair_id, "text": text.format(id=pair_id), "label": "positive", "image": image}
+        )
+        for pair_id, image in images.items()
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def outcomes(
+    data_dir: Path, *, failed_errors_only: bool = False
+) -> dict[str, tuple[str, str | None]]:
+    """photo id -> (status, error) of the photo records a fetch wrote in ``data_dir``; with
+    ``failed_errors_only``, the error of a record whose status is not failed reads None."""
+    found = {}
+    for row in pq.read_table(data_dir / "metadata").to_pylist():
+        error = row["error"]
+        if failed_errors_only and row["status"] != schema.STATUS_FAILED:
+            error = None
+        found[row["photo_id"]] = (row["status"], error)
+    return found
 
 
 def write_manifest(path: Path, scores: dict[str, float]) -> Path:

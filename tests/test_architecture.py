@@ -70,9 +70,19 @@ def package_of(module: str) -> str:
 
 
 def imported(path: Path) -> set[str]:
-    """Every vsotools module a file imports, at module level or inside a function."""
+    """Every vsotools module a file imports, at module level or inside a function.
+
+    A relative import (``from .x import y``) fails: the floors are checked on absolute names.
+    """
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            written = "." * node.level + (node.module or "")
+            raise AssertionError(
+                f"{path}:{node.lineno}: relative import 'from {written} import ...': "
+                "write it as an absolute import (from vsotools.... import ...) so that the "
+                "floor check sees it"
+            )
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("vsotools")}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vsotools"):
@@ -89,6 +99,14 @@ MODULES = sorted(
     # A package's __init__ holds its docstring only (the command line's re-exports main).
     if p.name != "__main__.py" and (p.name != "__init__.py" or p.parent.name in ("vsotools", "cli"))
 )
+
+
+def test_a_relative_import_fails_the_floor_check(tmp_path):
+    for line in ("from .store import write_part", "from .. import core", "from . import pool"):
+        module = tmp_path / "module.py"
+        module.write_text(f"import os\n{line}\n", encoding="utf-8")
+        with pytest.raises(AssertionError, match=r"module\.py:2: relative import"):
+            imported(module)
 
 
 def test_every_module_is_on_a_floor():

@@ -5,7 +5,6 @@ memory stays bounded when many large images are decoded at once."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
@@ -15,8 +14,9 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pandas as pd
 import pytest
+from conftest import vsotools_command
+from datakit import outcomes, write_pairs
 from PIL import Image
 
 from vsotools.core.images import PixelBudget
@@ -82,21 +82,6 @@ def hosts() -> Iterator[tuple[Host, Host]]:
         server.server_close()
 
 
-def write_pairs(path: Path, images: dict[str, str]) -> Path:
-    with path.open("w", encoding="utf-8") as fh:
-        for photo_id, image in images.items():
-            row = {"id": photo_id, "text": "a photo", "label": "positive", "image": image}
-            fh.write(json.dumps(row) + "\n")
-    return path
-
-
-def outcomes(out: Path) -> dict[str, tuple[str, str | None]]:
-    df = pd.read_parquet(out / "metadata")
-    return {
-        r.photo_id: (r.status, r.error if r.status == "failed" else None) for r in df.itertuples()
-    }
-
-
 def test_a_url_whose_host_parsers_disagree_on_is_never_contacted(cli, hosts, tmp_path):
     _, forbidden = hosts
     elsewhere = forbidden.netloc
@@ -112,11 +97,12 @@ def test_a_url_whose_host_parsers_disagree_on_is_never_contacted(cli, hosts, tmp
             "encoded-backslash": f"http://{elsewhere}%5C@live.staticflickr.com/a.jpg",
             "plain": f"http://{elsewhere}/a.jpg",
         },
+        text="a photo",
     )
     result = cli("fetch", "--pairs", pairs, "--out", tmp_path / "data")
     assert result.code == 0, result.err
     assert forbidden.requests == []
-    assert outcomes(tmp_path / "data") == {
+    assert outcomes(tmp_path / "data", failed_errors_only=True) == {
         "backslash": ("failed", "bad_url"),
         "two-backslashes": ("failed", "bad_url"),
         "userinfo": ("failed", "bad_url"),
@@ -143,13 +129,13 @@ def test_every_redirect_is_checked_as_the_request_that_is_sent(cli, hosts, tmp_p
         allowed.routes[path] = (302, {"Location": location}, b"")
     images = {name.strip("/"): f"http://{mine}{name}" for name in hops}
     images["first-hop"] = f"http://{elsewhere}\\@{mine}/a.jpg"
-    pairs = write_pairs(tmp_path / "pairs.jsonl", images)
+    pairs = write_pairs(tmp_path / "pairs.jsonl", images, text="a photo")
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(f'[fetch]\nallowed_hosts = ["{mine}"]\n', encoding="utf-8")
     result = cli("fetch", "--recipe", recipe, "--pairs", pairs, "--out", tmp_path / "data")
     assert result.code == 0, result.err
     assert forbidden.requests == []
-    assert outcomes(tmp_path / "data") == {
+    assert outcomes(tmp_path / "data", failed_errors_only=True) == {
         "backslash": ("failed", "bad_url"),
         "userinfo": ("failed", "bad_url"),
         "elsewhere": ("failed", "host_not_allowed"),
@@ -198,14 +184,14 @@ def test_large_images_in_flight_at_once_do_not_each_take_their_decoded_size(
     for i in range(count):
         allowed.routes[f"/big/{i}.png"] = (200, {"Content-Type": "image/png"}, big)
         images[str(i)] = f"http://{allowed.netloc}/big/{i}.png"
-    pairs = write_pairs(tmp_path / "pairs.jsonl", images)
+    pairs = write_pairs(tmp_path / "pairs.jsonl", images, text="a photo")
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(f'[fetch]\nallowed_hosts = ["{allowed.netloc}"]\n', encoding="utf-8")
     out = tmp_path / "data"
     args = ["fetch", "--recipe", recipe, "--pairs", pairs, "--out", out, "--max-side", max_side]
     code, peak = run_measured(args, tmp_path / "fetch.log")
     assert code == 0, (tmp_path / "fetch.log").read_text()
-    assert list(outcomes(out).values()) == [("ok", None)] * count
+    assert list(outcomes(out, failed_errors_only=True).values()) == [("ok", None)] * count
     # At the default 32 downloads in flight, up to 32 of these images are decoded at once
     # without a bound: 32 x 159 MB = 5.1 GB (measured before the pixel budget: 4.3 to 4.7 GB,
     # and 3.3 GB for the 12 downscaled, which also copied each decode). Within the budget they
@@ -244,11 +230,9 @@ def test_decodes_share_the_pixel_budget_and_a_larger_image_runs_alone():
 
 def run_measured(args: list[str | Path], log: Path) -> tuple[int, int]:
     """Run ``vsotools ARGS`` as a subprocess; its exit code and peak resident memory in bytes."""
-    exe = Path(sys.executable).with_name("vsotools")
-    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "vsotools"]
     with log.open("w") as output:
         process = subprocess.Popen(
-            [*command, *map(str, args)], stdout=output, stderr=subprocess.STDOUT
+            [*vsotools_command(), *map(str, args)], stdout=output, stderr=subprocess.STDOUT
         )
         # wait4 reports the usage of this one child, not the maximum over every child so far.
         _, status, usage = os.wait4(process.pid, 0)

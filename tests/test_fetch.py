@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import vsotools_command
 from flickr_corpus import SCORES, make_corpus, write_manifest
 from PIL import Image
 
@@ -232,11 +232,6 @@ def test_a_rerun_with_other_search_settings_is_refused(cli, corpus, tmp_path):
 
 
 # --- resuming after SIGKILL -----------------------------------------------------------------
-
-
-def vsotools_command() -> list[str]:
-    exe = Path(sys.executable).with_name("vsotools")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "vsotools"]
 
 
 @pytest.mark.slow

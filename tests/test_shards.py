@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import webdataset
-from conftest import run_vsotools
+from conftest import run_vsotools, vsotools_command
 from PIL import Image
 from shard_inputs import make_dataset, write_filtered
 
@@ -441,9 +441,8 @@ def test_a_run_killed_midway_is_finished_by_a_rerun(cli, tmp_path):
     make_dataset(root, 360, seed=7, kinds=("jpeg",))
     out, clean = tmp_path / "killed", tmp_path / "clean"
     args = ["--image-size", "96", "--maxcount", "8", "--workers", "2"]
-    exe = Path(sys.executable).with_name("vsotools")
     process = subprocess.Popen(
-        [exe, "shard", root, "--out", out, *args],
+        [*vsotools_command(), "shard", root, "--out", out, *args],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_vsotools
+from conftest import run_vsotools, vsotools_command
 from shardkit import sample_image, tiny_recipe_overrides, tiny_set_arguments, write_shard_set
 
 from vsotools.core.config import Recipe
@@ -336,8 +336,7 @@ def test_selection_keeps_the_best_epoch_and_stops_after_patience_epochs(
 
 def test_a_killed_run_resumes_where_its_checkpoint_left_off(shards, tmp_path, cli):
     run = tmp_path / "run"
-    exe = Path(sys.executable).with_name("vsotools")
-    command = [str(exe), "-q", "train", "--shards", str(shards), "--out", str(run),
+    command = [*vsotools_command(), "-q", "train", "--shards", str(shards), "--out", str(run),
                "--model", "fusion", *tiny_set_arguments(), "--epochs", "40"]  # fmt: skip
     # Its own process group, so that the kill takes its loader workers too (as a machine's loss
     # would) and leaves no orphan behind.

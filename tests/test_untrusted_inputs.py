@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import run_vsotools
-from datakit import photo, write_metadata
+from conftest import run_vsotools, vsotools_command
+from datakit import outcomes, photo, write_metadata, write_pairs
 from PIL import Image
 from shard_inputs import make_dataset, write_filtered
 from shardkit import tiny_recipe_overrides, tiny_set_arguments, write_shard_set
@@ -37,8 +37,6 @@ from vsotools.core.files import LOCK_NAME, FolderBusy, folder_lock
 from vsotools.shards.format import MANIFEST_NAME, read_manifest
 from vsotools.shards.verify import verify_shards
 from vsotools.training.train import train
-
-VSOTOOLS = Path(sys.executable).with_name("vsotools")
 
 
 def one_line_error(stderr: str) -> str:
@@ -63,25 +61,6 @@ def write_jpeg(path: Path, colour: tuple[int, int, int] = (200, 120, 40)) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (64, 48), colour).save(path, "JPEG")
     return path
-
-
-def write_pairs(path: Path, images: dict[str, str]) -> Path:
-    """A JSONL pairs file: one positive pair per ``id -> image``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [
-        json.dumps(
-            {"id": pair_id, "text": f"a sunny day {pair_id}", "label": "positive", "image": image}
-        )
-        for pair_id, image in images.items()
-    ]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def outcomes(data: Path) -> dict[str, tuple[str, str | None]]:
-    """photo id -> (status, error) of the photo records a fetch wrote."""
-    rows = pq.read_table(data / "metadata").to_pylist()
-    return {row["photo_id"]: (row["status"], row["error"]) for row in rows}
 
 
 # --- 2. local images: regular files of bounded size, inside the image root ------------------
@@ -376,7 +355,7 @@ def test_train_refuses_a_damaged_train_shard(cli, damaged, tmp_path, damage):
 def start_vsotools(*args) -> subprocess.Popen:
     """``vsotools ARGS...`` started in its own session (so that its children can be found)."""
     return subprocess.Popen(
-        [VSOTOOLS, *map(str, args)],
+        [*vsotools_command(), *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
