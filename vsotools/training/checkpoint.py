@@ -39,6 +39,7 @@ import torch
 
 from vsotools.core.config import Recipe, recipe_from_dict, recipe_to_toml
 from vsotools.core.errors import VsoError
+from vsotools.core.extras import first_line
 from vsotools.training import encoders
 from vsotools.training.minilm import TextTokenizer
 from vsotools.training.models import SentimentNet, build_model
@@ -150,8 +151,7 @@ def load_weights_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(exc)})") from None
 
 
 def is_checkpoint(state: Any) -> bool:

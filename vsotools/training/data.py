@@ -81,9 +81,9 @@ class ModelInput:
         way its encoder expects (``training.encoders``)."""
         mean, std = encoders.image_normalisation(config)
         return cls(
-            text=text if config.model != "image" else None,
+            text=text if encoders.has_branch(config, "text") else None,
             max_tokens=encoders.max_tokens(config),
-            crop_size=config.crop_size if config.model != "text" else None,
+            crop_size=config.crop_size if encoders.has_branch(config, "image") else None,
             mean=mean,
             std=std,
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -211,23 +212,12 @@ class FrozenFeatures:
 
     def __init__(
         self,
-        model: SentimentNet,
         pretrained: frozenset[str],
-        shard_set: ShardSet,
-        model_input: ModelInput,
-        config: TrainConfig,
-        context: distributed.Context,
-        folder: Path,
-        *,
-        dtype: torch.dtype | None,
-        check: bool,
-        progress: bool,
+        compute: Callable[[frozenset[str]], FeatureStore],
     ) -> None:
+        """``compute`` gives the features of a set of branches (``compute_features``)."""
         self.pretrained = pretrained
-        self._compute = lambda branches: compute_features(
-            model, branches, shard_set, model_input, config, context, folder,
-            dtype=dtype, check=check, progress=progress,
-        )  # fmt: skip
+        self._compute = compute
         self._store: FeatureStore | None = None
 
     def of(self, frozen: frozenset[str]) -> FeatureStore | None:

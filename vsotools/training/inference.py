@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -106,11 +106,7 @@ class Prediction:
         return cls(schema.LABEL_NAMES[index], probability, positive)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "probability": self.probability,
-            "positive_probability": self.positive_probability,
-        }
+        return asdict(self)
 
 
 @torch.no_grad()
@@ -135,11 +131,7 @@ def predict_one(
         raise PredictionInputError(
             f"this {recipe.train.model} model reads {' and '.join(missing)}: it is missing"
         )
-    sample: dict[str, Any] = {schema.SAMPLE_KEY: "input", schema.SAMPLE_CLASS: b"0"}
-    if model.uses_text:
-        sample[schema.SAMPLE_TEXT] = (text or "").encode("utf-8")
-    if model.uses_image:
-        sample[schema.SAMPLE_IMAGE] = as_shard_jpeg(image or b"", recipe)
+    sample = shard_sample("input", model, recipe, text=text, image=image)
     decoder = model_input.decoder(recipe.train, train=False)
     batch = collate([decoder(sample, rng=None)])  # type: ignore[arg-type]
     mover = model_input.mover(next(model.parameters()).device)
@@ -150,6 +142,19 @@ def predict_one(
 
 class PredictionInputError(VsoError):
     """A prediction lacks an input the model reads (its text or its image)."""
+
+
+def shard_sample(
+    key: str, model: SentimentNet, recipe: Recipe, *, text: str | None, image: bytes | None
+) -> dict[str, Any]:
+    """A sample as a shard holds it, with what ``model`` reads of ``text`` and ``image`` (the
+    image re-encoded as ``shard`` stores it; ``VsoError`` where it is not a usable image)."""
+    sample: dict[str, Any] = {schema.SAMPLE_KEY: key, schema.SAMPLE_CLASS: b"0"}
+    if model.uses_text:
+        sample[schema.SAMPLE_TEXT] = (text or "").encode("utf-8")
+    if model.uses_image:
+        sample[schema.SAMPLE_IMAGE] = as_shard_jpeg(image or b"", recipe)
+    return sample
 
 
 def as_shard_jpeg(data: bytes, recipe: Recipe) -> bytes:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vsotools.core.config import TrainConfig
+from vsotools.training import encoders
 
 
 class TextCNN(nn.Module):
@@ -250,16 +251,16 @@ def build_model(
     """The ``config.model`` variant. The paper's branches are built here (the Kim CNN needs
     ``embeddings`` ``(vocab, word_dim)``); a pretrained branch is passed in as ``text`` or
     ``image`` (``training.encoders``)."""
-    if config.model in ("fusion", "text") and text is None:
+    if not encoders.has_branch(config, "text"):
+        text = None
+    elif text is None:
         if embeddings is None:
             raise ValueError(f"a {config.model} model needs word embeddings")
         text = TextCNN(embeddings, config.filter_widths, config.num_filters, config.tune_vectors)
-    if config.model == "image":
-        text = None
-    if config.model in ("fusion", "image") and image is None:
-        image = AlexNetFeatures(config.conv_channels, config.crop_size, config.lrn)
-    if config.model == "text":
+    if not encoders.has_branch(config, "image"):
         image = None
+    elif image is None:
+        image = AlexNetFeatures(config.conv_channels, config.crop_size, config.lrn)
     return SentimentNet(
         text, image, config.fc_sizes, config.dropout, modality_dropout=config.modality_dropout
     )

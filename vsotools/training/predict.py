@@ -11,8 +11,7 @@ and the probability of positive, or the reason the pair could not be read.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,12 @@ from vsotools.training import distributed
 from vsotools.training.data import ModelInput
 from vsotools.training.inference import (
     Prediction,
-    as_shard_jpeg,
     autocast,
     autocast_dtype,
     predict_one,
+    shard_sample,
 )
-from vsotools.training.loader import collate
+from vsotools.training.loader import batches, collate
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +93,7 @@ class PredictionsReport:
     """The first failures: line, id and reason."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "pairs": self.pairs,
-            "out": self.out,
-            "predicted": self.predicted,
-            "failed": self.failed,
-            "labels": self.labels,
-            "failures": self.failures,
-        }
+        return asdict(self)
 
 
 FAILURES_KEPT = 20
@@ -147,7 +139,7 @@ def predict_pairs(
             _prepare(found, pairs, model, recipe, settings, downloader)
             for found in read_pairs_leniently(pairs)
         )
-        for chunk in _chunks(prepared, size):
+        for chunk in batches(prepared, size, keep_partial=True):
             rows = _predict_chunk(chunk, model, decoder, mover, dtype)
             writer.write_table(pa.Table.from_pylist(rows, schema=PREDICTIONS_SCHEMA))
             _count(report, rows, chunk)
@@ -166,13 +158,7 @@ def _prepare(
     """``(id, line, sample)`` ready for the decoder, or ``(id, line, reason)``."""
     if isinstance(found, BadRow):
         return found.id or "", found.line, found.reason
-    sample: dict[str, Any] = {
-        schema.SAMPLE_KEY: found.id,
-        schema.SAMPLE_CLASS: b"0",
-        "__url__": f"{pairs}:{found.line}",
-    }
-    if model.uses_text:
-        sample[schema.SAMPLE_TEXT] = clean_text(found.text).encode("utf-8")
+    image = None
     if model.uses_image:
         if found.is_url:
             outcome = downloader.get(found.image)
@@ -180,22 +166,14 @@ def _prepare(
             outcome = read_local_image(pairs.parent, found.image, settings)
         if not outcome.ok:
             return found.id, found.line, f"image: {outcome.error}: {outcome.detail}".rstrip(": ")
-        try:
-            sample[schema.SAMPLE_IMAGE] = as_shard_jpeg(outcome.data or b"", recipe)
-        except VsoError as exc:
-            return found.id, found.line, f"image: {exc}"
+        image = outcome.data or b""
+    text = clean_text(found.text) if model.uses_text else None
+    try:
+        sample = shard_sample(found.id, model, recipe, text=text, image=image)
+    except VsoError as exc:  # only the image is checked
+        return found.id, found.line, f"image: {exc}"
+    sample["__url__"] = f"{pairs}:{found.line}"
     return found.id, found.line, sample
-
-
-def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 @torch.no_grad()

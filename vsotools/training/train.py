@@ -11,6 +11,7 @@ leaves are described in ``training.folder``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -34,6 +35,7 @@ from vsotools.training.data import ModelInput, ShardSet, split_stream
 from vsotools.training.features import (
     FeatureStore,
     FrozenFeatures,
+    compute_features,
     frozen_now,
     without_branches,
 )
@@ -235,7 +237,17 @@ def _train(
     model_input = ModelInput.of(config, text_reader)
     n_fit = round(shard_set.samples(schema.TRAIN) * (1 - config.val_fraction))
     steps = steps_per_epoch(n_fit, config.batch_size, context.world_size)
-    data = _Streams(shard_set, model_input, config, context, steps, check)
+
+    def stream(which: str, cached: frozenset[str]) -> ShardStream:
+        """The ``train``, ``val`` or ``test`` stream, without the input of the ``cached``
+        branches (their features come from a store)."""
+        return split_stream(
+            shard_set, schema.TEST if which == "test" else schema.TRAIN,
+            without_branches(model_input, cached), config, context,
+            train=which == "train", steps=steps, validation=which == "val",
+            gpu_decode=config.gpu_decode, check=check,
+        )  # fmt: skip
+
     mover = model_input.mover(
         device,
         channels_last=channels_last,
@@ -245,8 +257,12 @@ def _train(
     )
     dtype = autocast_dtype(config.precision, device)
     stored = FrozenFeatures(
-        model, pretrained, shard_set, model_input, config, context,
-        Path(config.features_dir or folder.root), dtype=dtype, check=check, progress=show,
+        pretrained,
+        functools.partial(
+            compute_features, model, shard_set=shard_set, model_input=model_input, config=config,
+            context=context, folder=Path(config.features_dir or folder.root), dtype=dtype,
+            check=check, progress=show,
+        ),
     )  # fmt: skip
 
     # --- where the loop starts ---
@@ -265,8 +281,9 @@ def _train(
     frozen: frozenset[str] | None = None
     wrapped: nn.Module = model
     while epoch < config.epochs and not selection.stopped:
-        if frozen != frozen_now(model, config, epoch):
-            frozen = frozen_now(model, config, epoch)
+        now = frozen_now(model, config, epoch)
+        if frozen != now:
+            frozen = now
             _set_trainable(model, frozen)
             wrapped = _wrap(model, context)
             if frozen:
@@ -281,7 +298,7 @@ def _train(
         # continues exactly as an uninterrupted one would.
         torch.manual_seed(_epoch_seed(config.seed, epoch, context.rank))
         mover.set_epoch(epoch)
-        train_stream = data.stream("train", cached)
+        train_stream = stream("train", cached)
         train_stream.set_epoch(epoch)
         loader = make_loader(train_stream, config.workers, device.type == "cuda")
         stats = train_one_epoch(
@@ -302,7 +319,7 @@ def _train(
         val = None
         if config.val_fraction > 0:
             val = evaluate(
-                model, data.stream("val", cached), config.workers, mover, dtype, context, "val",
+                model, stream("val", cached), config.workers, mover, dtype, context, "val",
                 features=features,
             )  # fmt: skip
         record = _epoch_record(epoch, step, scheduler.get_last_lr()[0], stats, context, val)
@@ -329,7 +346,7 @@ def _train(
     features = stored.of(_frozen_throughout(model, config))
     cached = features.branches if features else frozenset()
     test = evaluate(
-        model, data.stream("test", cached), config.workers, mover, dtype, context, "test",
+        model, stream("test", cached), config.workers, mover, dtype, context, "test",
         features=features,
     )  # fmt: skip
     chosen = next(r for r in history if r["epoch"] == selection.epoch)
@@ -356,35 +373,6 @@ def _train(
         resumed_after=resumed_after,
         rank=context.rank,
     )
-
-
-class _Streams:
-    """The streams of one training: ``train``, ``val`` and ``test``, each for a set of branches
-    whose features come from a store instead of their input, built once."""
-
-    def __init__(
-        self,
-        shard_set: ShardSet,
-        model_input: ModelInput,
-        config: TrainConfig,
-        context: distributed.Context,
-        steps: int,
-        check: bool,
-    ) -> None:
-        self.args = (shard_set, model_input, config, context, steps, check)
-        self.built: dict[tuple[str, frozenset[str]], ShardStream] = {}
-
-    def stream(self, which: str, cached: frozenset[str]) -> ShardStream:
-        if (which, cached) not in self.built:
-            shard_set, model_input, config, context, steps, check = self.args
-            reads = without_branches(model_input, cached)
-            split = schema.TEST if which == "test" else schema.TRAIN
-            self.built[which, cached] = split_stream(
-                shard_set, split, reads, config, context,
-                train=which == "train", steps=steps, validation=which == "val",
-                gpu_decode=config.gpu_decode, check=check,
-            )  # fmt: skip
-        return self.built[which, cached]
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -451,7 +439,7 @@ def _text_branch(
 ) -> tuple[TextEncoder | None, nn.Module | None, torch.Tensor | None]:
     """What turns text into token ids (a vocabulary or a tokenizer), the pretrained text
     encoder if the model has one, and the Kim CNN's word vectors if it has that."""
-    if config.model == "image":
+    if not encoders.has_branch(config, "text"):
         return None, None, None
     if config.text_encoder == "minilm":
         if state is not None:
@@ -635,8 +623,9 @@ def _image_weights(path: str, config: TrainConfig) -> dict[str, torch.Tensor]:
 
 
 def _frozen_throughout(model: SentimentNet, config: TrainConfig) -> frozenset[str]:
-    """The branches of ``model`` that never train (``train.frozen_branches``)."""
-    return frozenset(b for b in config.frozen_branches if getattr(model, b) is not None)
+    """The branches of ``model`` that never train (``train.frozen_branches``): those frozen
+    once ``train.freeze_branches_epochs`` are over."""
+    return frozen_now(model, config, config.freeze_branches_epochs)
 
 
 def _set_trainable(model: SentimentNet, frozen: frozenset[str]) -> None:
