@@ -71,8 +71,8 @@ def test_every_flag_is_documented(command):
 def test_every_settings_table_is_what_the_settings_declare():
     """The docs' settings tables are generated from the settings (`vsotools settings SECTION
     --markdown`): a setting is declared once, in vsotools/core/config.py."""
-    from vsotools.cli.app import settings_markdown
-    from vsotools.core.config import describe_section, format_value, section_names
+    from vsotools.cli.app import settings_markdown, settings_rows
+    from vsotools.core.config import section_names
 
     pages = [*(REPO / "docs").glob("*.md"), REPO / "README.md", REPO / "manifests" / "README.md"]
     found = {}
@@ -83,12 +83,7 @@ def test_every_settings_table_is_what_the_settings_declare():
             found[section] = table
     assert set(found) == set(section_names()), "every recipe section has its table"
     for section, table in found.items():
-        rows = [
-            {"key": info.dotted.partition(".")[2], "value": format_value(info.default),
-             "help": info.help}
-            for info in describe_section(section)
-        ]  # fmt: skip
-        assert table == settings_markdown(rows), (
+        assert table == settings_markdown(settings_rows(section)), (
             f"the {section} table is stale: paste `vsotools settings {section} --markdown`"
         )
 

@@ -131,18 +131,11 @@ def _add_settings_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _settings(args: argparse.Namespace) -> int:
-    from vsotools.core.config import describe_section, format_value, load_recipe, section_names
+    from vsotools.core.config import load_recipe, section_names
 
     recipe = load_recipe(args.recipe) if args.recipe else None
     sections = [args.section] if args.section else section_names()
-    tables = {}
-    for section in sections:
-        rows = []
-        for info in describe_section(section):
-            key = info.dotted.partition(".")[2]
-            value = getattr(getattr(recipe, section), key) if recipe else info.default
-            rows.append({"key": key, "value": format_value(value), "help": info.help})
-        tables[section] = rows
+    tables = {section: settings_rows(section, recipe) for section in sections}
 
     def text() -> None:
         for section, rows in tables.items():
@@ -156,6 +149,18 @@ def _settings(args: argparse.Namespace) -> int:
 
     emit(args, tables, text)
     return 0
+
+
+def settings_rows(section: str, recipe: Any = None) -> list[dict[str, str]]:
+    """A section's settings as rows of key, value (``recipe``'s, else the default) and help."""
+    from vsotools.core.config import describe_section, format_value
+
+    rows = []
+    for info in describe_section(section):
+        key = info.dotted.partition(".")[2]
+        value = getattr(getattr(recipe, section), key) if recipe else info.default
+        rows.append({"key": key, "value": format_value(value), "help": info.help})
+    return rows
 
 
 def settings_markdown(rows: list[dict[str, str]]) -> str:
@@ -356,7 +361,7 @@ def _fetch(args: argparse.Namespace) -> int:
             print(f"    {reason:<20}{count(n)}")
         print(f"report: {folder.report_file('fetch')}")
 
-    emit(args, {**report.to_json(), "already_complete": report.already_complete}, text)
+    emit(args, report.to_output(), text)
     return 0
 
 
@@ -442,7 +447,7 @@ def _filter(args: argparse.Namespace) -> int:
         _print_filter_report(report, recipe)
         print(f"wrote {folder.filtered} and {folder.report_file('filter')}")
 
-    emit(args, {**report.to_json(), "already_complete": report.already_complete}, text)
+    emit(args, report.to_output(), text)
     return 0
 
 
@@ -829,7 +834,7 @@ def _run(args: argparse.Namespace) -> int:
     from vsotools.fetch.client import load_credentials
     from vsotools.pipeline import default_workdir, run_recipe
 
-    recipe = resolve_recipe(args, default=args.recipe)
+    recipe = resolve_recipe(args)
     credentials = None if recipe.fetch.pairs else load_credentials(args.credentials)
     workdir = args.workdir or default_workdir(recipe)
     report = run_recipe(

@@ -12,7 +12,6 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 REMEDIES: dict[str, dict[str, str]] = {
-    "fetch": {"elsewhere": "use another --out"},
     "shard": {
         "replace": "pass --overwrite to replace it",
         "elsewhere": "write to another --out",

@@ -52,6 +52,10 @@ class StageReport:
         del data["already_complete"]
         return data
 
+    def to_output(self) -> dict[str, Any]:
+        """The report as the command prints it (``--json``): the file's fields and ``already_complete``."""
+        return {**self.to_json(), "already_complete": self.already_complete}
+
     @classmethod
     def from_saved(cls, data: dict[str, Any]) -> Any:
         """The report a finished stage left, for a call that found its output current."""

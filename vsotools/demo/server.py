@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 from urllib.parse import parse_qsl, urlsplit
 
 from PIL import Image
@@ -631,6 +631,15 @@ _IMAGE_PATH = re.compile(
 _OAUTH_KEY = re.compile(r'oauth_consumer_key="([^"]*)"')
 
 
+class ServerOptions(TypedDict, total=False):
+    """Options that ``make_server`` and ``serve`` pass on to ``FlickrServer`` (defaults there)."""
+
+    faults: Faults
+    invalid_key: str
+    request_log: str | Path | None
+    client_timeout: float
+
+
 class FlickrServer(ThreadingHTTPServer):
     """The HTTP server; ``base_url`` is where it listens (``http://host:port/``)."""
 
@@ -839,23 +848,10 @@ def make_server(
     corpus_dir: str | Path,
     host: str = "127.0.0.1",
     port: int = 0,
-    *,
-    faults: Faults = Faults(),
-    invalid_key: str = DEFAULT_INVALID_KEY,
-    request_log: str | Path | None = None,
-    client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
+    **options: Unpack[ServerOptions],
 ) -> FlickrServer:
     """A bound server over the corpus in ``corpus_dir``; call ``serve_forever`` to run it."""
-    corpus = Corpus(load_corpus(corpus_dir))
-    return FlickrServer(
-        corpus,
-        host,
-        port,
-        faults=faults,
-        invalid_key=invalid_key,
-        request_log=request_log,
-        client_timeout=client_timeout,
-    )
+    return FlickrServer(Corpus(load_corpus(corpus_dir)), host, port, **options)
 
 
 @contextlib.contextmanager
@@ -863,11 +859,7 @@ def serve(
     corpus_dir: str | Path,
     host: str = "127.0.0.1",
     port: int = 0,
-    *,
-    faults: Faults = Faults(),
-    invalid_key: str = DEFAULT_INVALID_KEY,
-    request_log: str | Path | None = None,
-    client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
+    **options: Unpack[ServerOptions],
 ) -> Iterator[str]:
     """Run the server in a background thread; yields its base URL (``http://127.0.0.1:PORT/``).
 
@@ -875,15 +867,7 @@ def serve(
     appended to that file as one JSON line (method, path, photo id, status, bytes, fault). A
     client silent for ``client_timeout`` seconds is answered 408 or disconnected.
     """
-    server = make_server(
-        corpus_dir,
-        host,
-        port,
-        faults=faults,
-        invalid_key=invalid_key,
-        request_log=request_log,
-        client_timeout=client_timeout,
-    )
+    server = make_server(corpus_dir, host, port, **options)
     thread = threading.Thread(
         target=server.serve_forever, args=(0.05,), name="flickr-server", daemon=True
     )

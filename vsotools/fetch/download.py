@@ -196,18 +196,27 @@ def host_allowed(url: str, patterns: Iterable[str]) -> bool:
     """Whether the host a request for ``url`` connects to (``host`` or ``host:port``) matches one
     of the glob patterns; False for a URL that ``Downloader`` refuses as ``bad_url``."""
     try:
-        host, port = _target(_prepare(url))
+        _checked_request(url, patterns)
     except _Refused:
         return False
-    return _host_matches(host, port, patterns)
+    return True
 
 
-def _host_matches(host: str, port: int | None, patterns: Iterable[str]) -> bool:
+def _checked_request(
+    url: str, patterns: Iterable[str], session: requests.Session | None = None
+) -> requests.PreparedRequest:
+    """The request for ``url`` as it is sent, once the host it connects to (``host`` or
+    ``host:port``) matches one of the glob patterns; raises ``_Refused`` (``bad_url`` or
+    ``host_not_allowed``) otherwise."""
+    request = _prepare(url, session)
+    host, port = _target(request)
     with_port = f"{host}:{port}" if port else host
-    return any(
+    if not any(
         fnmatch.fnmatchcase(host, p.lower()) or fnmatch.fnmatchcase(with_port, p.lower())
         for p in patterns
-    )
+    ):
+        raise _Refused(HOST_NOT_ALLOWED, with_port)
+    return request
 
 
 class _Refused(Exception):
@@ -306,14 +315,6 @@ class Downloader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _checked(self, session: requests.Session, url: str) -> requests.PreparedRequest:
-        """The request for ``url`` as it is sent, once the host it connects to is allowed."""
-        request = _prepare(url, session)
-        host, port = _target(request)
-        if not _host_matches(host, port, self.settings.allowed_hosts):
-            raise _Refused(HOST_NOT_ALLOWED, f"{host}:{port}" if port else host)
-        return request
-
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
@@ -336,7 +337,7 @@ class Downloader:
             # Each hop is checked as the request that is sent, not as the text of the URL: the
             # host the connection goes to is the one allowed.
             try:
-                request = self._checked(session, url)
+                request = _checked_request(url, self.settings.allowed_hosts, session)
             except _Refused as refused:
                 return Outcome.failed(refused.reason, refused.detail)
             environment = session.merge_environment_settings(request.url, {}, True, None, None)

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from vsotools.core.errors import VsoError
-from vsotools.core.files import atomic_open, atomic_write_bytes, json_sha256
+from vsotools.core.files import atomic_open, atomic_write_bytes, json_bytes, json_sha256
 from vsotools.core.schema import SAMPLE_IMAGE, SAMPLE_KEY
 
 MANIFEST_NAME = "manifest.json"
@@ -217,8 +217,7 @@ def read_manifest(location: str | os.PathLike[str] | Location) -> ShardManifest:
 
 def write_manifest(location: str | os.PathLike[str] | Location, manifest: ShardManifest) -> None:
     """Write ``location/manifest.json`` whole, atomically (local or fsspec URL)."""
-    text = json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n"
-    as_location(location).write_bytes(MANIFEST_NAME, text.encode("utf-8"))
+    as_location(location).write_bytes(MANIFEST_NAME, json_bytes(manifest.to_json()))
 
 
 def shard_urls(location: str, manifest: ShardManifest, split: str) -> list[str]:

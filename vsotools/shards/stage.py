@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from vsotools.core.config import Recipe, ShardConfig, output_settings, recipe_to_toml
 from vsotools.core.errors import ExistingOutput
-from vsotools.core.files import file_sha256, folder_lock, json_sha256
+from vsotools.core.files import file_sha256, folder_lock, json_bytes, json_sha256
 from vsotools.core.schema import TRAIN
 from vsotools.dataset.folder import DatasetFolder
 from vsotools.shards.format import (
@@ -55,7 +55,6 @@ from vsotools.shards.write import (
     ShardJob,
     Skipped,
     encode_sample,
-    json_bytes,
     read_image,
     tar_bytes,
 )

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from vsotools.core import images
-from vsotools.core.files import HashingStream, UnsafeFile, contained_path, read_regular_file
+from vsotools.core.files import (
+    HashingStream,
+    UnsafeFile,
+    contained_path,
+    json_bytes,
+    read_regular_file,
+)
 from vsotools.core.schema import (
     LABEL_NAMES,
     SAMPLE_CLASS,
@@ -202,7 +208,3 @@ def _skip_entry(split: str, record: Mapping[str, Any], exc: Skipped) -> dict[str
         "reason": exc.reason,
         "detail": exc.detail,
     }
-
-
-def json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
