@@ -402,6 +402,42 @@ def test_torchrun_trains_on_two_cpu_processes_with_equal_steps(shards, tmp_path)
     )
 
 
+RETURN_CHECK = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from shardkit import tiny_recipe_overrides
+from vsotools.core.config import Recipe
+from vsotools.training.folder import TrainingFolder
+from vsotools.training.train import train
+
+report = train(Recipe().override(tiny_recipe_overrides(model="text", epochs=1)), {shards!r},
+               {out!r}, progress=False)
+finished = TrainingFolder({out!r}).read_final() is not None
+Path({out!r}).with_name(f"rank-{{report.rank}}.json").write_text(json.dumps(finished))
+"""
+
+
+def test_every_torchrun_rank_returns_once_the_training_folder_is_finished(shards, tmp_path):
+    """A rank other than 0 used to return (and its process exit) while rank 0 was still writing
+    the final record; gloo's threads could then still be releasing the last collective's tensors
+    at interpreter exit, which aborted the process (CI, 2026-11-30)."""
+    script = tmp_path / "train_and_look.py"
+    out = tmp_path / "ddp"
+    script.write_text(
+        RETURN_CHECK.format(tests=str(Path(__file__).parent), shards=str(shards), out=str(out))
+    )
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(script),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank-{rank}.json").read_text()) is True, rank
+
+
 def test_gpu_decode_on_a_cpu_is_refused_before_any_work(shards, tmp_path):
     with pytest.raises(ConfigError, match=r"train\.gpu_decode needs a CUDA device"):
         train(recipe(gpu_decode=True), shards, tmp_path / "run", progress=False)

@@ -11,6 +11,7 @@ leaves are described in ``training.folder``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
@@ -162,10 +163,14 @@ def train(
     try:
         shard_set = ShardSet.open(str(shards))
         _check_inputs(recipe.train, shard_set, context)
-        if not context.is_main:
-            return _train(recipe, shard_set, folder, context, resume, progress, check)
-        with folder.lock():
-            return _train(recipe, shard_set, folder, context, resume, progress, check)
+        with folder.lock() if context.is_main else contextlib.nullcontext():
+            report = _train(recipe, shard_set, folder, context, resume, progress, check)
+        # Every rank returns once rank 0 has finished the training folder and let go of it. A
+        # rank that left straight after the last collective could reach interpreter exit while
+        # gloo's threads still released that collective's tensors, and abort
+        # (https://github.com/pytorch/pytorch/issues/190489).
+        distributed.barrier(context)
+        return report
     finally:
         distributed.teardown(context)
 
