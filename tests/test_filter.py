@@ -281,6 +281,7 @@ def test_missing_metadata_is_a_clear_error(cli, tmp_path):
     result = cli("filter", tmp_path / "nothing")
     assert result.code == 1
     assert "nothing: no photo records in" in result.err and "fetch them first" in result.err
+    assert not (tmp_path / "nothing").exists()  # a wrong path is refused, not created
 
 
 def test_crawled_photos_need_a_manifest_and_nothing_is_lost(cli, tmp_path, manifest):

@@ -162,8 +162,11 @@ def filter_dataset(data_dir: str | Path, recipe: Recipe, *, progress: bool = Fal
     same records, manifest and settings is left as it is (``already_complete``).
     """
     folder = DatasetFolder(data_dir)
-    dataset = _open_metadata(folder)
+    if not folder.metadata_files():  # refused before the lock, so a wrong path stays untouched
+        raise FilterError(f"{folder}: no photo records in {folder.metadata_dir}; fetch them first")
     with folder.lock():
+        # The part files read and the fingerprint recorded are taken at one moment, under the lock.
+        dataset = _open_metadata(folder)
         fingerprint = folder.filter_fingerprint(recipe)
         saved = folder.current_report("filter", fingerprint)
         if saved is not None:
@@ -245,8 +248,6 @@ _LABELLED_SCHEMA = pa.schema([f for f in schema.FILTERED_SCHEMA if f.name != "sp
 
 def _open_metadata(folder: DatasetFolder) -> ds.Dataset:
     files = [str(p) for p in folder.metadata_files()]
-    if not files:
-        raise FilterError(f"{folder}: no photo records in {folder.metadata_dir}; fetch them first")
     try:
         dataset = ds.dataset(files, format="parquet")
     except (pa.ArrowInvalid, OSError) as exc:
