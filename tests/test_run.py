@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from vsotools.core.config import load_recipe
+from vsotools.core.errors import ConfigError
 from vsotools.core.images import encode_jpeg
 from vsotools.demo import corpus
 from vsotools.training.checkpoint import load_checkpoint
@@ -280,3 +281,29 @@ def _samples(shards: Path, split: str | None = None) -> int:
     manifest = json.loads((shards / "manifest.json").read_text())
     splits = [split] if split else list(manifest["splits"])
     return sum(s["samples"] for name in splits for s in manifest["splits"].get(name, []))
+
+
+def test_a_model_set_may_undo_what_train_gives_every_model(tmp_path):
+    """[train]'s init_text suits the fusion model; run.image_set clears it for the image model.
+    The model's settings are applied with train.model as one layer, checked once (an image
+    model with an init_text used to be refused before image_set could clear it)."""
+    from vsotools import pipeline
+    from vsotools.core.config import Recipe
+
+    recipe = Recipe().override(
+        {
+            "train.init_text": str(tmp_path / "text.pt"),
+            "run.models": ["fusion", "image"],
+            "run.image_set": ["train.init_text=", "train.epochs=1"],
+        }
+    )
+    runs = {model: tmp_path / model for model in ("fusion", "image")}
+    image = pipeline._model_recipe(recipe, "image", runs)
+    assert (image.train.model, image.train.init_text, image.train.epochs) == ("image", "", 1)
+    assert image.train.features_dir == str(tmp_path / "features")
+    fusion = pipeline._model_recipe(recipe, "fusion", runs)
+    assert fusion.train.init_text == str(tmp_path / "text.pt")
+    with pytest.raises(ConfigError, match=r"run.text_set: train.init_image: .*no image branch"):
+        pipeline._model_recipe(
+            recipe.override({"run.text_set": ["train.init_image=x.pt"]}), "text", runs
+        )

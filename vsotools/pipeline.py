@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vsotools.core.config import Recipe
+from vsotools.core.config import Recipe, parse_assignments
 from vsotools.core.errors import ConfigError, VsoError
 from vsotools.training.folder import TrainingFolder
 
@@ -214,20 +214,17 @@ def _training_order(recipe: Recipe) -> list[str]:
 
 def _model_recipe(recipe: Recipe, model: str, runs: dict[str, Path]) -> Recipe:
     """The recipe one model trains with: [train], then the model's own ``run.MODEL_set``; the
-    models share one folder of frozen encoders' features (WORK/features) unless it names one."""
-    assignments = getattr(recipe.run, f"{model}_set")
+    models share one folder of frozen encoders' features (WORK/features) unless it names one.
+
+    Everything is applied as one layer and checked once, so a model's own settings can undo what
+    [train] gives every model (an ``init_text`` the image model has no branch for)."""
     try:
-        model_recipe = recipe.override({"train.model": model}).override_strings(assignments)
+        values = {"train.model": model, **parse_assignments(getattr(recipe.run, f"{model}_set"))}
+        if not values.get("train.features_dir", recipe.train.features_dir):
+            values["train.features_dir"] = str(next(iter(runs.values())).parent / "features")
+        if model == FUSION and recipe.run.fusion_from_branches:
+            values["train.init_text"] = str(TrainingFolder(runs[TEXT]).selected)
+            values["train.init_image"] = str(TrainingFolder(runs[IMAGE]).selected)
+        return recipe.override(values)
     except ConfigError as exc:
         raise ConfigError(f"run.{model}_set: {exc}") from None
-    if not model_recipe.train.features_dir:
-        shared = next(iter(runs.values())).parent / "features"
-        model_recipe = model_recipe.override({"train.features_dir": str(shared)})
-    if model == FUSION and recipe.run.fusion_from_branches:
-        model_recipe = model_recipe.override(
-            {
-                "train.init_text": str(TrainingFolder(runs[TEXT]).selected),
-                "train.init_image": str(TrainingFolder(runs[IMAGE]).selected),
-            }
-        )
-    return model_recipe

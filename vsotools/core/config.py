@@ -774,13 +774,7 @@ class Recipe:
 
     def override_strings(self, assignments: Sequence[str], base_dir: Path | None = None) -> Recipe:
         """Apply ``section.key=value`` strings, each parsed by the key's declared type."""
-        values: dict[str, Any] = {}
-        for assignment in assignments:
-            dotted, sep, text = assignment.partition("=")
-            if not sep:
-                raise ConfigError(f"{assignment!r}: expected section.key=value")
-            values[dotted.strip()] = parse_setting(dotted.strip(), text.strip())
-        return self.override(values, base_dir)
+        return self.override(parse_assignments(assignments), base_dir)
 
 
 def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Recipe:
@@ -913,6 +907,18 @@ def output_settings(section: Any) -> dict[str, Any]:
         for f in dataclasses.fields(section)
         if f.metadata.get("shapes_output", True)
     }
+
+
+def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
+    """``section.key=value`` strings as ``{"section.key": value}``, each value parsed by its
+    key's declared type (a later assignment of a key wins)."""
+    values: dict[str, Any] = {}
+    for assignment in assignments:
+        dotted, sep, text = assignment.partition("=")
+        if not sep:
+            raise ConfigError(f"{assignment!r}: expected section.key=value")
+        values[dotted.strip()] = parse_setting(dotted.strip(), text.strip())
+    return values
 
 
 def parse_setting(dotted: str, text: str) -> Any:
