@@ -77,3 +77,14 @@ def test_a_record_the_store_keeps_round_trips_its_source_fields(tmp_path):
     assert {k: row[k] for k in schema.PHOTO_SOURCE_FIELDS} == {
         k: v for k, v in record.items() if k != "extra"
     }
+
+
+@pytest.mark.parametrize(
+    ("data", "label"),
+    [(b"0", "negative"), (b"1", "positive"), (b"1\n", "positive"), (b"01", None), (b"00", None),
+     (b"2", None), (b"", None), (b"\xb2", None), (None, None)],
+)  # fmt: skip
+def test_a_class_member_holds_a_label_only_as_the_writer_writes_it(data, label):
+    """verify and the loader read .cls through this one function; verify used to accept "01",
+    which the loader refused, so a set that verify passed could fail in training."""
+    assert schema.read_class(data)[1] == label

@@ -192,6 +192,15 @@ SAMPLE_CLASS: Final = "cls"
 """The class index as ASCII digits ("0" negative, "1" positive)."""
 SAMPLE_EXTENSIONS: Final = (SAMPLE_IMAGE, SAMPLE_TEXT, SAMPLE_META, SAMPLE_CLASS)
 
+
+def read_class(data: object) -> tuple[str, str | None]:
+    """A ``.cls`` member's text, and the label name it holds: None unless it is a class index
+    as the shard writer writes it ("0" or "1"; not "01"). verify and the loader both read it so."""
+    text = data.decode("ascii", "replace").strip() if isinstance(data, bytes) else ""
+    indices = {str(index): name for index, name in enumerate(LABEL_NAMES)}
+    return text, indices.get(text)
+
+
 SAMPLE_META_FIELDS: Final = (
     "photo_id",
     "anps",

@@ -23,9 +23,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from vsotools.core.errors import VsoError
-from vsotools.core.files import HashingStream, whole_number
+from vsotools.core.files import HashingStream
 from vsotools.core.schema import (
-    LABEL_NAMES,
     SAMPLE_CLASS,
     SAMPLE_EXTENSIONS,
     SAMPLE_IMAGE,
@@ -33,6 +32,7 @@ from vsotools.core.schema import (
     SAMPLE_META,
     SAMPLE_META_FIELDS,
     SAMPLE_TEXT,
+    read_class,
     sample_key,
 )
 from vsotools.shards.format import (
@@ -203,11 +203,8 @@ def check_sample(
             problem(f"unexpected member .{extension}", key)
     label = None
     if SAMPLE_CLASS in members:
-        text = members[SAMPLE_CLASS].decode("ascii", "replace").strip()
-        index = whole_number(text)
-        if index is not None and index < len(LABEL_NAMES):
-            label = LABEL_NAMES[index]
-        else:
+        text, label = read_class(members[SAMPLE_CLASS])
+        if label is None:
             problem(f".{SAMPLE_CLASS} is {text!r}, not a class index", key)
     if SAMPLE_META in members:
         _check_meta(key, members[SAMPLE_META], label, problem)

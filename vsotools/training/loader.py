@@ -167,14 +167,13 @@ def _checked(samples: Iterable[dict[str, Any]], shard: Shard) -> Iterator[dict[s
 
 
 def _label_name(sample: dict[str, Any]) -> str:
-    data = sample.get(schema.SAMPLE_CLASS)
-    text = data.decode("ascii", "replace").strip() if isinstance(data, bytes) else ""
-    if text not in ("0", "1"):
+    text, label = schema.read_class(sample.get(schema.SAMPLE_CLASS))
+    if label is None:
         raise LoaderError(
             f"{sample.get('__url__')}: sample {sample.get(schema.SAMPLE_KEY)} has"
             f" .{schema.SAMPLE_CLASS} {text!r}, not a class index"
         )
-    return schema.LABEL_NAMES[int(text)]
+    return label
 
 
 def repeated_passes(
