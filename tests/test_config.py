@@ -146,3 +146,12 @@ def test_settings_lists_each_setting_with_its_default_or_a_recipes_value(cli):
     assert values["text_encoder"] == '"minilm"' and values["frozen_branches"] == '["text", "image"]'
     text = cli("settings", "shard").out
     assert text.startswith("[shard]\n  image_size = 256\n")
+
+
+def test_settings_markdown_names_each_section_and_a_recipes_values(cli):
+    text = cli("settings", "--markdown").out
+    assert text.startswith("### [anps]\n\n| setting | default | meaning |\n")
+    assert "|\n\n### [fetch]\n\n| setting |" in text
+    text = cli("settings", "train", "--recipe", PIPELINES / "mvsa.toml", "--markdown").out
+    assert text.startswith("| setting | value | meaning |\n")
+    assert '| `text_encoder` | `"minilm"` |' in text

@@ -161,6 +161,11 @@ def test_predict_reads_what_each_model_reads_and_gets_clear_cases_right(cli, run
     assert result.code == 0 and label in ("positive", "negative") and float(probability) >= 0.5
     result = cli("predict", "--checkpoint", runs["fusion"] / "checkpoint.pt", "--text", "hi")
     assert result.code == 1 and "this fusion model reads image: it is missing" in result.err
+    out = tmp_path / "labels.parquet"
+    result = cli("predict", "--checkpoint", runs["text"] / "checkpoint.pt", "--text", "hi",
+                 "--out", out)  # fmt: skip
+    assert result.code == 1 and "--out and --batch-size go with --pairs" in result.err
+    assert not out.exists()
 
 
 def test_a_finished_run_is_not_overwritten_and_resume_refuses_another_recipe(runs, shards, cli):

@@ -140,7 +140,11 @@ def _settings(args: argparse.Namespace) -> int:
     def text() -> None:
         for section, rows in tables.items():
             if args.markdown:
-                print(settings_markdown(rows))
+                if len(tables) > 1:  # one table per section, each under its name
+                    print(f"### [{section}]\n")
+                print(settings_markdown(rows, "value" if recipe else "default"))
+                if len(tables) > 1:
+                    print()
                 continue
             print(f"[{section}]")
             for row in rows:
@@ -163,9 +167,10 @@ def settings_rows(section: str, recipe: Any = None) -> list[dict[str, str]]:
     return rows
 
 
-def settings_markdown(rows: list[dict[str, str]]) -> str:
-    """A section's settings as the Markdown table the docs pages hold."""
-    lines = ["| setting | default | meaning |", "| --- | --- | --- |"]
+def settings_markdown(rows: list[dict[str, str]], column: str = "default") -> str:
+    """A section's settings as the Markdown table the docs pages hold (``column`` names the
+    values: ``default``, or ``value`` for a recipe's)."""
+    lines = [f"| setting | {column} | meaning |", "| --- | --- | --- |"]
     for row in rows:
         value, meaning = row["value"].replace("|", r"\|"), row["help"].replace("|", r"\|")
         lines.append(f"| `{row['key']}` | `{value}` | {meaning} |")
@@ -673,7 +678,9 @@ def _add_train_commands(commands: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--out", type=Path, metavar="PRED", help="the Parquet file to write (with --pairs)"
     )
-    predict.add_argument("--batch-size", type=_positive, help="default: the run's batch size")
+    predict.add_argument(
+        "--batch-size", type=_positive, help="with --pairs; default: the run's batch size"
+    )
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_json_option(predict)
     predict.set_defaults(handler=_predict)
@@ -781,6 +788,8 @@ def _predict(args: argparse.Namespace) -> int:
         return 0
     if args.image is None and args.text is None:
         raise ConfigError("predict: give --image, --text or both, or --pairs and --out")
+    if args.out is not None or args.batch_size is not None:
+        raise ConfigError("predict: --out and --batch-size go with --pairs")
     prediction = predict(args.checkpoint, image=args.image, text=args.text, device=args.device)
     emit(
         args,

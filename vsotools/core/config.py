@@ -883,7 +883,7 @@ def describe(dotted: str) -> SettingInfo:
 
 
 def section_names() -> list[str]:
-    """The recipe's sections, in file order: anps, fetch, filter, shard, run, train."""
+    """The recipe's sections, in declaration order: anps, fetch, filter, shard, train, run."""
     return _sections(Recipe())
 
 

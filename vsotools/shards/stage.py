@@ -111,8 +111,8 @@ def write_shards(
     the complete set of this very input and configuration is left as it is; one holding an
     unfinished run of it is finished; one holding a set written from other input or settings is
     refused (``ExistingOutput``) unless ``replace_other``, which deletes that set first (with a
-    warning). ``overwrite`` deletes whatever the location holds and writes the set afresh. A
-    local folder is held by one writing process at a time.
+    warning). ``overwrite`` deletes the shard set the location holds (vsotools' files, nothing
+    else) and writes it afresh. A local folder is held by one writing process at a time.
     """
     folder = DatasetFolder(data_dir)
     table = read_filtered(folder)
