@@ -286,6 +286,18 @@ def test_gpu_decode_boxes_crop_what_the_cpu_path_crops(side, crop):
     assert (got - expected).abs().mean() <= tolerance
 
 
+def test_gpu_decode_refuses_what_the_cpu_path_refuses():
+    """The GPU path reads the header only, through the CPU path's check: bytes that are not an
+    image used to escape as Pillow's own error instead of the sample's LoaderError."""
+    sample = {"__key__": "k", "cls": b"0", "jpg": b"not an image", "__url__": "s.tar"}
+    for gpu_decode in (False, True):
+        decoder = SampleDecoder(
+            text=None, max_tokens=4, crop_size=8, train=False, gpu_decode=gpu_decode
+        )
+        with pytest.raises(LoaderError, match=r"s\.tar: sample k: not_an_image"):
+            decoder(sample, random.Random(0))
+
+
 @pytest.mark.parametrize(
     "tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT]
 )

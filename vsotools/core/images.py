@@ -114,7 +114,7 @@ def validate_image(
         raise ImageRejected(EMPTY)
     if len(data) > limits.max_bytes:
         raise ImageRejected(TOO_LARGE, f"{len(data)} bytes > {limits.max_bytes}")
-    image = _open(data, limits.max_pixels)
+    image = open_checked(data, limits.max_pixels)
     width, height = image.size
     if min(width, height) < limits.min_side:
         raise ImageRejected(TOO_SMALL, f"{width}x{height} < {limits.min_side} px")
@@ -142,7 +142,7 @@ def load_rgb(
     whose shorter side is still at least that many pixels: much cheaper, and no loss for a later
     downscale to that size.
     """
-    image = _open(data, max_pixels)
+    image = open_checked(data, max_pixels)
     _draft(image, shorter_side_at_least)
     return _upright_rgb(image)
 
@@ -157,7 +157,7 @@ def fit_jpeg(
 ) -> bytes:
     """``data`` as a JPEG whose longer side is at most ``size`` pixels (see ``load_rgb`` and
     ``fit_longest_side``); the decoded pixels are taken from ``budget`` until it is encoded."""
-    image = _open(data, max_pixels)
+    image = open_checked(data, max_pixels)
     width, height = image.size
     _draft(image, math.ceil(size * min(width, height) / max(width, height)))
     with _decoding(budget, image):
@@ -265,7 +265,9 @@ def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """The image's header read (not its pixels), refused (``ImageRejected``) when it is not an
+    image or has more than ``max_pixels`` pixels."""
     try:
         with warnings.catch_warnings():
             # Pillow warns (DecompressionBombWarning) before its own hard limit; ours is stricter.

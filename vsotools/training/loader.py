@@ -25,7 +25,6 @@ crop box, and torchvision decodes them on the GPU.
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import math
 import random
@@ -281,13 +280,9 @@ class SampleDecoder:
         assert self.crop_size is not None
         crop = self.crop_size
         if self.gpu_decode:
-            with Image.open(io.BytesIO(data)) as header:
+            # The GPU decoder has no pixel bound of its own: the CPU path's header check applies.
+            with image_rules.open_checked(data, image_rules.ImageLimits.max_pixels) as header:
                 width, height = header.size
-            # The GPU decoder has no pixel bound of its own: the CPU path's applies here too.
-            if width * height > image_rules.ImageLimits.max_pixels:
-                raise image_rules.ImageRejected(
-                    image_rules.TOO_MANY_PIXELS, f"{width}x{height} pixels"
-                )
             box = self._box(width, height, rng, scale=min(width, height) / decode_side(crop))
             return {"jpeg": np.frombuffer(data, dtype=np.uint8), "box": box}
         image = image_rules.load_rgb(data, shorter_side_at_least=decode_side(crop))
