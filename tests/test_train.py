@@ -161,6 +161,11 @@ def test_predict_reads_what_each_model_reads_and_gets_clear_cases_right(cli, run
     assert result.code == 0 and label in ("positive", "negative") and float(probability) >= 0.5
     result = cli("predict", "--checkpoint", runs["fusion"] / "checkpoint.pt", "--text", "hi")
     assert result.code == 1 and "this fusion model reads image: it is missing" in result.err
+    # One image is checked as predict --pairs and fetch check one (the recipe's fetch limits).
+    tiny = tmp_path / "tiny.jpg"
+    tiny.write_bytes(sample_image(random.Random(3), 1, 20))
+    result = cli("predict", "--checkpoint", runs["image"] / "checkpoint.pt", "--image", tiny)
+    assert result.code == 1 and f"{tiny}: image refused: too_small" in result.err
     out = tmp_path / "labels.parquet"
     result = cli("predict", "--checkpoint", runs["text"] / "checkpoint.pt", "--text", "hi",
                  "--out", out)  # fmt: skip

@@ -136,8 +136,19 @@ def predict_one(
     batch = collate([decoder(sample, rng=None)])  # type: ignore[arg-type]
     mover = model_input.mover(next(model.parameters()).device)
     model.eval()
-    logits = model(**mover.inputs(batch, train=False)).float()
-    return Prediction.of(torch.softmax(logits, dim=1)[0, schema.POSITIVE].item())
+    dtype = autocast_dtype(recipe.train.precision, mover.device)
+    return Prediction.of(positive_probabilities(model, batch, mover, dtype)[0])
+
+
+@torch.no_grad()
+def positive_probabilities(
+    model: SentimentNet, batch: dict[str, Any], mover: BatchMover, dtype: torch.dtype | None
+) -> list[float]:
+    """The positive-class probability of each sample of a collated ``batch``, in the recipe's
+    precision (``model`` in eval mode): one post or a chunk of a pairs file."""
+    with autocast(mover.device, dtype):
+        logits = model(**mover.inputs(batch, train=False))
+    return torch.softmax(logits.float(), dim=1)[:, schema.POSITIVE].tolist()
 
 
 class PredictionInputError(VsoError):

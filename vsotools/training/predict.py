@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from vsotools.core import schema
+from vsotools.core.config import Recipe
 from vsotools.core.errors import VsoError
-from vsotools.core.files import UnsafeFile, atomic_open, read_regular_file
+from vsotools.core.files import atomic_open
 from vsotools.core.text import clean_text
 from vsotools.fetch.download import Downloader, DownloadSettings, read_local_image
 from vsotools.fetch.pairs import BadRow, Pair, read_pairs_leniently
@@ -31,17 +31,14 @@ from vsotools.training import distributed
 from vsotools.training.data import ModelInput
 from vsotools.training.inference import (
     Prediction,
-    autocast,
     autocast_dtype,
+    positive_probabilities,
     predict_one,
     shard_sample,
 )
 from vsotools.training.loader import batches, collate
 
 log = logging.getLogger(__name__)
-
-MAX_IMAGE_BYTES = 100_000_000
-"""Largest image file ``predict`` reads for one post."""
 
 PREDICTIONS_SCHEMA = pa.schema(
     [
@@ -65,18 +62,17 @@ def predict(
     state = ckpt.load_checkpoint(checkpoint)
     model, recipe, reader = ckpt.model_of(state)
     model.to(distributed.resolve_device(device))
-    data = _read_image(Path(image)) if image is not None else None
+    data = _read_image(Path(image), recipe) if image is not None else None
     text = clean_text(text) if text is not None else None
     return predict_one(model, ModelInput.of(recipe.train, reader), recipe, image=data, text=text)
 
 
-def _read_image(path: Path) -> bytes:
-    try:
-        return read_regular_file(path, MAX_IMAGE_BYTES)
-    except FileNotFoundError:
-        raise VsoError(f"{path}: image not found") from None
-    except UnsafeFile as exc:
-        raise VsoError(f"{path}: {exc.detail}") from None
+def _read_image(path: Path, recipe: Recipe) -> bytes:
+    """The image file checked as ``predict_pairs`` and ``fetch`` check one (the recipe's limits)."""
+    outcome = read_local_image(path.parent, path.name, DownloadSettings.from_config(recipe.fetch))
+    if not outcome.ok:
+        raise VsoError(f"{path}: image refused: {outcome.error}: {outcome.detail}".rstrip(": "))
+    return outcome.data or b""
 
 
 @dataclass
@@ -198,9 +194,7 @@ def _predict_chunk(
             rows[-1]["error"] = str(exc)
     if usable:
         batch = collate([decoded for _, decoded in usable])
-        with autocast(mover.device, dtype):
-            logits = model(**mover.inputs(batch, train=False))
-        positive = torch.softmax(logits.float(), dim=1)[:, schema.POSITIVE].tolist()
+        positive = positive_probabilities(model, batch, mover, dtype)
         for (row, _), p in zip(usable, positive, strict=True):
             prediction = Prediction.of(p)
             rows[row].update(label=prediction.label, positive_probability=p)
