@@ -8,8 +8,8 @@ same shards into samples, with the member bytes in memory and no decoding, for
 
 - webdataset: ``tariterators.tar_file_expander`` + ``group_by_keys`` (the reference);
 - Python's ``tarfile`` streaming (``r|``), grouped by key;
-- vsotools: ``read_shard`` with the manifest check off, and with images skipped over (what a
-  text model reads).
+- vsotools: ``read_shard`` (the comparison with the manifest is the loader's, not run here),
+  and with images skipped over (what a text model reads).
 
 The shards are written here with webdataset's ``TarWriter`` (GNU format, mtime 0, no encoding),
 not with vsotools' writer: 256-pixel JPEGs of generated pictures, short texts, and the member
