@@ -37,10 +37,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vsotools.core.config import load_recipe
+from vsotools.core.files import atomic_open
 from vsotools.core.schema import sample_key
 from vsotools.dataset.folder import DatasetFolder
+from vsotools.shards.format import read_manifest
 from vsotools.shards.stage import write_shards
-from vsotools.training.folder import TrainingFolder
+from vsotools.training.folder import TrainingFolder, training_fingerprint
 from vsotools.training.train import train
 
 RECIPE = Path(__file__).resolve().parent.parent / "pipelines" / "mvsa.toml"
@@ -73,35 +75,46 @@ NEEDS = {"fFTb": "tFT", "fFTbM": "tFT"}
 
 def carve(data: Path, work: Path, k: int) -> Path:
     """Carve k: the training split of ``data``, split again 80/20, as a dataset folder whose
-    images are those of ``data``."""
+    images are those of ``data``, and its shard set (the same for every candidate, which differ
+    in [train] only), whose location this returns."""
     folder = work / f"carve-{k}"
     filtered = DatasetFolder(folder).filtered
-    if filtered.is_file():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    images = folder / "images"
-    if not images.exists():
-        images.symlink_to((data / "images").resolve())
-    table = pq.read_table(DatasetFolder(data).filtered)
-    table = table.filter(pc.equal(table["split"], "train"))
-    splits = [
-        "test" if _fraction(f"dev{k}:{photo_id}") < HELD_OUT else "train"
-        for photo_id in table["photo_id"].to_pylist()
-    ]
-    column = table.schema.get_field_index("split")
-    pq.write_table(table.set_column(column, "split", pa.array(splits)), filtered)
-    print(f"carve {k}: {splits.count('train')} training, {splits.count('test')} held out")
-    return folder
+    if not filtered.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        images = folder / "images"
+        if not images.exists():
+            images.symlink_to((data / "images").resolve())
+        table = pq.read_table(DatasetFolder(data).filtered)
+        table = table.filter(pc.equal(table["split"], "train"))
+        splits = [
+            "test" if _fraction(f"dev{k}:{photo_id}") < HELD_OUT else "train"
+            for photo_id in table["photo_id"].to_pylist()
+        ]
+        column = table.schema.get_field_index("split")
+        with atomic_open(filtered) as fh:  # its presence marks the carve as made
+            pq.write_table(table.set_column(column, "split", pa.array(splits)), fh)
+    parts = pq.read_table(filtered, columns=["split", "label"]).to_pydict()
+    held_out = [label for split, label in zip(*parts.values(), strict=True) if split == "test"]
+    majority = max(held_out.count(0), held_out.count(1)) / len(held_out)
+    print(
+        f"carve {k}: {len(parts['split']) - len(held_out)} training, {len(held_out)} held out"
+        f" (majority rate {majority:.3f})"
+    )
+    shards = work / f"carve-{k}-shards"
+    write_shards(load_recipe(RECIPE), folder, shards)
+    return shards
 
 
 def _fraction(text: str) -> float:
+    # The same hash as dataset.filter.split_of's, over another key ("devK:ID", not "K\0ID"):
+    # split_of would carve other pairs, and the documented figures are for these carves.
     digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
-def score(name: str, k: int, carve_dir: Path, work: Path) -> dict:
-    """Candidate ``name`` trained on carve k (or as an earlier run left it): its held-out
-    figures."""
+def score(name: str, k: int, shards: Path, work: Path) -> dict:
+    """Candidate ``name`` trained on carve k's ``shards`` (or as an earlier run of the same
+    settings on the same shards left it): its held-out figures."""
     model, settings = CANDIDATES[name]
     features = work / (f"features-{k}-tuned" if name in NEEDS else f"features-{k}")
     assignments = [
@@ -110,13 +123,15 @@ def score(name: str, k: int, carve_dir: Path, work: Path) -> dict:
         *(s.format(work=work, k=k) for s in settings),
     ]
     recipe = load_recipe(RECIPE, assignments)
-    shards = work / f"carve-{k}-shards"
-    write_shards(recipe, carve_dir, shards)
     folder = TrainingFolder(work / f"{name}-{k}")
+    # As `vsotools run` does: a finished training is reused only when it is current.
+    fingerprint = training_fingerprint(recipe, read_manifest(str(shards)).fingerprint)
+    status = folder.status(recipe, fingerprint)
+    if status == "stale":
+        sys.exit(f"{folder}: finished from other settings, shards or branches; remove it")
+    if status != "finished":
+        train(recipe, shards, folder.root, resume=status == "unfinished", progress=False)
     final = folder.read_final()
-    if final is None:
-        train(recipe, shards, folder.root, resume=folder.holds_training(), progress=False)
-        final = folder.read_final()
     assert final is not None
     return final
 
@@ -193,7 +208,7 @@ def main() -> None:
     missing = sorted({NEEDS[n] for n in args.runs if n in NEEDS} - set(args.runs))
     if missing:
         sys.exit(f"--runs: fFTb and fFTbM start from tFT's text branch; add {', '.join(missing)}")
-    carves = {k: carve(args.data, work, k) for k in CARVES}
+    carves = {k: carve(args.data, work, k) for k in CARVES}  # k -> its shard set
     for name in [n for n in CANDIDATES if n in args.runs]:
         runs = [score(name, k, carves[k], work) for k in CARVES]
         for k, final in zip(CARVES, runs, strict=True):
