@@ -5,7 +5,9 @@ line, and checkpoints come back through evaluate and predict (one post, or a pai
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +127,11 @@ def test_frozen_encoders_features_are_computed_once_and_predict_what_the_encoder
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "features").iterdir()}
     train(settings.override({"train.model": "fusion"}), shards, tmp_path / "again", progress=False)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "features").iterdir()} == before
+    # So does a text model, whose image settings (another image encoder's normalisation) differ.
+    text_only = {"train.model": "text", "train.image_encoder": "alexnet"}
+    text_only["train.frozen_branches"] = ["text"]
+    train(settings.override(text_only), shards, tmp_path / "text", progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "features").iterdir()} == before
 
 
 def _loader(shard_set: ShardSet, model_input: ModelInput, trained: Recipe):
@@ -136,6 +143,64 @@ def _nothing(model_input: ModelInput) -> ModelInput:
     from vsotools.training.features import without_branches
 
     return without_branches(model_input, frozenset({"text", "image"}))
+
+
+ELSEWHERE = """
+import json, sys
+from pathlib import Path
+from vsotools.training import checkpoint as ckpt, distributed
+from vsotools.training.data import ModelInput, ShardSet
+from vsotools.training.features import compute_features
+
+context = distributed.setup("cpu")
+model, trained, reader = ckpt.model_of(ckpt.load_checkpoint({checkpoint!r}))
+store = compute_features(
+    model, frozenset({{"image"}}), ShardSet.open({shards!r}), ModelInput.of(trained.train, reader),
+    trained.train, context, Path({base!r}) / f"rank{{context.rank}}", dtype=None,
+)
+keys = Path({base!r}) / f"keys-{{context.rank}}.json"
+keys.write_text(json.dumps(sorted(store.rows["image"])))
+distributed.barrier(context)
+distributed.teardown(context)
+"""
+
+
+def test_stored_features_only_rank_0_can_see_reach_every_rank(shards, tmp_path):
+    """Each rank used to look for the stored features itself: a rank that did not see rank 0's
+    file (another machine's disk) computed them and waited for peers that never joined."""
+    base = tmp_path / "features"
+    settings = recipe(
+        model="image", image_encoder="efficientnet_lite0", frozen_branches=["image"],
+        features_dir=str(base / "rank0"),
+    )  # fmt: skip
+    train(settings, shards, tmp_path / "run", progress=False)
+    stored = list((base / "rank0").glob("features-image-*.pt"))
+    assert len(stored) == 1
+    script = tmp_path / "elsewhere.py"
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    script.write_text(
+        ELSEWHERE.format(checkpoint=str(checkpoint), shards=str(shards), base=str(base))
+    )
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(script),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "torchrun.log"
+    with log.open("w") as output:
+        ranks = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            code = ranks.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(ranks.pid, signal.SIGKILL)
+            pytest.fail("the ranks waited on each other for 240 s and were killed")
+    assert code == 0, log.read_text()[-3000:]
+    keys = [json.loads((base / f"keys-{rank}.json").read_text()) for rank in (0, 1)]
+    assert keys[0] == keys[1] and len(keys[0]) == 64
+    assert not (base / "rank1").exists(), "rank 1 computed nothing and wrote nothing"
+    assert list((base / "rank0").glob("features-image-*.pt")) == stored
 
 
 BLOCKED = """

@@ -7,7 +7,8 @@ instead of running the encoder again: on two CPU cores the difference between mi
 hour. The features are kept in ``train.features_dir`` (default: the training folder), one file
 per branch, named by a fingerprint of the encoder's weights, its input preparation and the shard
 set, so that other trainings on the same shards with the same encoder reuse them. Under
-``torchrun`` each rank computes its share and every rank gets them all.
+``torchrun`` each rank computes its share and every rank gets them all; stored ones are read by
+rank 0 and sent to the others.
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ def compute_features(
         module = getattr(model, branch)
         branch_input = only_branch(model_input, branch)
         path = folder / f"features-{branch}-{_fingerprint(module, branch_input, shard_set)[:20]}.pt"
-        keys, matrix = _read(path) if path.is_file() else (None, None)
+        # Rank 0 alone looks for the file (only it writes there; other machines may not see
+        # it), so every rank either receives the stored features or joins in computing them.
+        found = _read(path) if context.is_main and path.is_file() else (None, None)
+        keys, matrix = distributed.broadcast_object(context, found)
         if keys is None:
             keys, matrix = _compute(
                 module, branch, branch_input, shard_set, config, context, dtype, check, progress
@@ -164,12 +168,13 @@ def _fingerprint(module: torch.nn.Module, branch_input: ModelInput, shard_set: S
     for name, tensor in sorted(module.state_dict().items()):
         weights.update(name.encode())
         weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    prepared = {
-        "max_tokens": branch_input.max_tokens if branch_input.text is not None else None,
-        "crop_size": branch_input.crop_size,
-        "mean": branch_input.mean,
-        "std": branch_input.std,
-    }
+    prepared: dict[str, Any] = {}  # how the branch's own input is prepared, nothing else
+    if branch_input.text is not None:
+        prepared["max_tokens"] = branch_input.max_tokens
+    if branch_input.crop_size is not None:
+        prepared.update(
+            crop_size=branch_input.crop_size, mean=branch_input.mean, std=branch_input.std
+        )
     return json_sha256(
         {"weights": weights.hexdigest(), "input": prepared, "shards": shard_set.fingerprint}
     )
@@ -194,7 +199,7 @@ def frozen_now(model: SentimentNet, config: TrainConfig, epoch: int) -> frozense
     frozen = set(config.frozen_branches)
     if epoch < config.freeze_branches_epochs:
         frozen |= {"text", "image"}
-    return frozenset(name for name in frozen if getattr(model, name) is not None)
+    return frozenset(frozen & model.branches().keys())
 
 
 def restricted(store: FeatureStore | None, branches: frozenset[str]) -> FeatureStore | None:
