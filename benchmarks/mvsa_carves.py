@@ -40,7 +40,7 @@ from vsotools.core.config import load_recipe
 from vsotools.core.files import atomic_open
 from vsotools.core.schema import sample_key
 from vsotools.dataset.folder import DatasetFolder
-from vsotools.shards.format import read_manifest
+from vsotools.shards.manifest import read_manifest
 from vsotools.shards.stage import write_shards
 from vsotools.training.folder import TrainingFolder, training_fingerprint
 from vsotools.training.train import train

@@ -1,7 +1,7 @@
 """Reading shards: vsotools' tar reader against webdataset's, in one run.
 
 vsotools writes shards with Python's ``tarfile`` (``vsotools.shards.write``, GNU headers) and
-reads them with a small reader of its own (``vsotools.shards.format.read_shard``: a few slices
+reads them with a small reader of its own (``vsotools.shards.tar_reader.read_shard``: a few slices
 per header, checksums checked), which the training loader and ``vsotools verify`` share. This
 measures whether the reader earns its place: samples per second of grouping the members of the
 same shards into samples, with the member bytes in memory and no decoding, for
@@ -34,7 +34,7 @@ from PIL import Image
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from vsotools.shards.format import read_shard
+from vsotools.shards.tar_reader import read_shard
 
 
 def write_shards(folder: Path, samples: int, per_shard: int = 500) -> list[Path]:

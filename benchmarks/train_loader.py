@@ -32,7 +32,7 @@ import webdataset as wds
 from PIL import Image
 
 from vsotools.core import images, schema, text
-from vsotools.shards.format import MANIFEST_NAME, ShardInfo, ShardManifest, shard_name
+from vsotools.shards.manifest import MANIFEST_NAME, ShardInfo, ShardManifest, shard_name
 from vsotools.training.loader import SampleDecoder, Shard, ShardStream, make_loader, steps_per_epoch
 from vsotools.training.vocab import Vocabulary, model_tokens
 

@@ -20,7 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 from vsotools.core import schema
-from vsotools.shards.format import MANIFEST_NAME, ShardInfo, ShardManifest, shard_name
+from vsotools.shards.manifest import MANIFEST_NAME, ShardInfo, ShardManifest, shard_name
 
 POSITIVE_WORDS = ["happy", "sunny", "lovely", "great", "smile", "beautiful", "joy", "bright"]
 NEGATIVE_WORDS = ["sad", "gloomy", "awful", "broken", "cry", "ugly", "grief", "dark"]

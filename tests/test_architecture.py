@@ -13,7 +13,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vsotools"
 GROUND, CONTRACTS, BLOCKS, STAGES, TOP = range(5)
 FLOORS = {
     GROUND: ["vsotools", "vsotools.core.*"],
-    CONTRACTS: ["vsotools.dataset.folder", "vsotools.shards.format", "vsotools.training.folder"],
+    CONTRACTS: [
+        "vsotools.dataset.folder",
+        "vsotools.shards.errors",
+        "vsotools.shards.location",
+        "vsotools.shards.manifest",
+        "vsotools.shards.tar_reader",
+        "vsotools.training.folder",
+    ],
     BLOCKS: [
         "vsotools.fetch.client",
         "vsotools.fetch.search",

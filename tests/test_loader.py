@@ -19,7 +19,8 @@ from shardkit import write_shard_set
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vsotools.core.errors import VsoError
-from vsotools.shards.format import ShardError, read_manifest, shard_urls
+from vsotools.shards.errors import ShardError
+from vsotools.shards.manifest import read_manifest, shard_urls
 from vsotools.training.loader import (
     IMAGENET_MEAN,
     IMAGENET_STD,

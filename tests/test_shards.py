@@ -45,7 +45,7 @@ from vsotools.core.schema import (
 )
 from vsotools.dataset.folder import DatasetFolder
 from vsotools.shards import plan
-from vsotools.shards.format import MANIFEST_NAME, read_manifest, shard_urls
+from vsotools.shards.manifest import MANIFEST_NAME, read_manifest, shard_urls
 from vsotools.shards.stage import write_shards
 from vsotools.shards.verify import verify_shards
 from vsotools.shards.write import MISSING_IMAGE

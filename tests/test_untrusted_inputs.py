@@ -34,7 +34,7 @@ from shardkit import tiny_recipe_overrides, tiny_set_arguments, write_shard_set
 
 from vsotools.core.config import Recipe
 from vsotools.core.files import LOCK_NAME, FolderBusy, folder_lock
-from vsotools.shards.format import MANIFEST_NAME, read_manifest
+from vsotools.shards.manifest import MANIFEST_NAME, read_manifest
 from vsotools.shards.verify import verify_shards
 from vsotools.training.train import train
 

@@ -3,7 +3,7 @@
 The stages talk only through the files they leave in the work folder::
 
     WORK/data/            the dataset folder (vsotools.dataset.folder)
-    WORK/shards/          the shard set (vsotools.shards.format)
+    WORK/shards/          the shard set (vsotools.shards.manifest)
     WORK/train-MODEL/     one training folder per model (vsotools.training.folder)
     WORK/features/        features of frozen pretrained encoders, shared by the models
     WORK/report.html      the results table, training curves and dataset plots
@@ -91,7 +91,7 @@ def run_recipe(
     from vsotools.dataset.folder import DatasetFolder
     from vsotools.fetch.stage import fetch
     from vsotools.report import dataset_facts, write_report
-    from vsotools.shards.format import read_manifest
+    from vsotools.shards.manifest import read_manifest
     from vsotools.shards.stage import write_shards
     from vsotools.training.evaluate import evaluate
 

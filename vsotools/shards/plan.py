@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from vsotools.core.config import ShardConfig
 from vsotools.core.schema import FILTERED_SCHEMA, LABEL_NAMES, SPLITS, sample_key
 from vsotools.dataset.folder import DatasetFolder
-from vsotools.shards.format import PARTS_DIR, ShardError, shard_name
+from vsotools.shards.errors import ShardError
+from vsotools.shards.manifest import PARTS_DIR, shard_name
 
 SIZE_SPREAD = 4.0
 """Standard deviations of a shard's bytes kept free below ``maxsize`` (see samples_per_shard)."""

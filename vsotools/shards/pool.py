@@ -22,7 +22,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from vsotools.core.processes import exit_with_parent
-from vsotools.shards.format import ShardError
+from vsotools.shards.errors import ShardError
 from vsotools.shards.plan import Part
 from vsotools.shards.write import PartResult, ShardJob, write_shard
 

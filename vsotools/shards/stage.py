@@ -1,7 +1,7 @@
 """``vsotools shard``: the filtered dataset as WebDataset tar shards, one set per split.
 
 Reads the dataset's ``filtered.parquet`` (``schema.FILTERED_SCHEMA``) and the images it names;
-writes, to a local folder or an fsspec URL, the shard set ``vsotools.shards.format`` describes.
+writes, to a local folder or an fsspec URL, the shard set ``vsotools.shards.manifest`` describes.
 ``write_shards`` plans the parts (``shards.plan``), skips those whose completion marker says
 they are done, writes the rest (``shards.pool`` mapping ``shards.write.write_shard``), and
 writes the manifest last. A location holding the complete set of this very input and
@@ -29,13 +29,13 @@ from vsotools.core.errors import ExistingOutput
 from vsotools.core.files import file_sha256, folder_lock, json_bytes, json_sha256
 from vsotools.core.schema import TRAIN
 from vsotools.dataset.folder import DatasetFolder
-from vsotools.shards.format import (
+from vsotools.shards.errors import ShardError
+from vsotools.shards.location import Location
+from vsotools.shards.manifest import (
     JOB_NAME,
     MANIFEST_NAME,
     PARTS_DIR,
     RECIPE_NAME,
-    Location,
-    ShardError,
     ShardInfo,
     ShardManifest,
     is_shard_name,

@@ -35,14 +35,9 @@ from vsotools.core.schema import (
     read_class,
     sample_key,
 )
-from vsotools.shards.format import (
-    Location,
-    ShardInfo,
-    group_members,
-    is_shard_name,
-    read_manifest,
-    tar_members,
-)
+from vsotools.shards.location import Location
+from vsotools.shards.manifest import ShardInfo, is_shard_name, read_manifest
+from vsotools.shards.tar_reader import group_members, tar_members
 
 
 @dataclass(frozen=True)

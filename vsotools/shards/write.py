@@ -36,7 +36,8 @@ from vsotools.core.schema import (
     SAMPLE_TEXT,
     sample_key,
 )
-from vsotools.shards.format import Location, ShardInfo
+from vsotools.shards.location import Location
+from vsotools.shards.manifest import ShardInfo
 from vsotools.shards.plan import Part
 
 MISSING_IMAGE = "missing_image"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from vsotools.core.config import TrainConfig
-from vsotools.shards.format import ShardManifest, read_manifest, shard_urls
+from vsotools.shards.manifest import ShardManifest, read_manifest, shard_urls
 from vsotools.training import encoders
 from vsotools.training.distributed import Context
 from vsotools.training.loader import (

@@ -42,7 +42,7 @@ from torch.utils.data import default_collate
 from vsotools.core import images as image_rules
 from vsotools.core import schema
 from vsotools.core.errors import VsoError
-from vsotools.shards.format import read_shard
+from vsotools.shards.tar_reader import read_shard
 from vsotools.training.vocab import PAD
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

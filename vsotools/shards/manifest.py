@@ -1,0 +1,197 @@
+"""A shard set's manifest: which tar shards make up each split, and what each holds.
+
+``vsotools shard`` writes ``SHARDS/manifest.json`` last, so its presence means the set is
+complete; ``vsotools verify`` checks the shards against it; the training loader reads it to list
+the shards of a split and to size fixed-length epochs. The location of a shard set is a local
+folder or an fsspec URL (``s3://bucket/prefix``).
+
+The file looks like::
+
+    {
+      "format": "vsotools-shards",
+      "version": 1,
+      "recipe": {...the resolved recipe, as nested tables...},
+      "splits": {
+        "train": [{"name": "train-000000.tar", "samples": 2000, "bytes": 51234816,
+                   "sha256": "...", "labels": {"negative": 980, "positive": 1020}}, ...],
+        "test": [...]
+      },
+      "build": {"fingerprint": "...", "settings": {...}, "input": {...}},
+      "skipped": [{"photo_id": "...", "split": "train", "image_path": "...", "reason": "..."}]
+    }
+
+``build`` identifies what the set was written from (the shard settings that shape its bytes and
+the input's checksum), so that a rerun can tell "finish or skip this set" from "this set was
+written with another configuration". ``skipped`` lists the photos left out because their image
+was missing or undecodable. Both are optional for readers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from vsotools.core.files import json_bytes, json_sha256
+from vsotools.shards.errors import ShardSetError
+from vsotools.shards.location import Location, as_location, join
+
+MANIFEST_NAME = "manifest.json"
+RECIPE_NAME = "recipe.toml"
+"""The resolved recipe the set was written with, beside the manifest."""
+PARTS_DIR = "_parts"
+"""Where a run keeps what it is writing (``job.json``) and one completion marker per shard."""
+JOB_NAME = f"{PARTS_DIR}/job.json"
+FORMAT = "vsotools-shards"
+VERSION = 1
+
+
+def shard_name(split: str, index: int) -> str:
+    """File name of the ``index``-th shard of ``split``: ``{split}-{index:06d}.tar``."""
+    return f"{split}-{index:06d}.tar"
+
+
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether a file name is one that ``shard_name`` gives."""
+    return bool(_SHARD_NAME.match(name))
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    """File name relative to the shard set's location."""
+    samples: int
+    bytes: int
+    sha256: str
+    labels: dict[str, int]
+    """Label name -> number of samples."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "samples": self.samples,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "labels": self.labels,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> ShardInfo:
+        """Raises KeyError, TypeError, ValueError or AttributeError on a malformed entry."""
+        return cls(
+            name=str(data["name"]),
+            samples=int(data["samples"]),
+            bytes=int(data["bytes"]),
+            sha256=str(data["sha256"]),
+            labels={str(k): int(v) for k, v in data["labels"].items()},
+        )
+
+
+@dataclass
+class ShardManifest:
+    splits: dict[str, list[ShardInfo]]
+    recipe: dict[str, Any] = field(default_factory=dict)
+    build: dict[str, Any] = field(default_factory=dict)
+    """What the set was written from: ``fingerprint``, ``settings``, ``input``."""
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    """Photos left out: ``photo_id``, ``split``, ``image_path``, ``reason``."""
+
+    @property
+    def fingerprint(self) -> str:
+        """What the set was written from (its build fingerprint) or, for a set written by other
+        tools, a checksum of its shard list: two sets with one fingerprint hold the same data."""
+        built = self.build.get("fingerprint")
+        if isinstance(built, str) and built:
+            return built
+        splits = {split: [s.to_json() for s in shards] for split, shards in self.splits.items()}
+        return json_sha256(splits)
+
+    def shards(self, split: str) -> list[ShardInfo]:
+        try:
+            return self.splits[split]
+        except KeyError:
+            raise ShardSetError(
+                f"the shard set has no {split!r} split (it has: {', '.join(self.splits) or 'none'})"
+            ) from None
+
+    def samples(self, split: str) -> int:
+        return sum(s.samples for s in self.shards(split))
+
+    def labels(self, split: str) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for shard in self.shards(split):
+            total.update(shard.labels)
+        return dict(total)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "recipe": self.recipe,
+            "splits": {
+                split: [s.to_json() for s in shards] for split, shards in self.splits.items()
+            },
+            "build": self.build,
+            "skipped": self.skipped,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = MANIFEST_NAME) -> ShardManifest:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ShardSetError(f"{where}: not a vsotools shard manifest")
+        if data.get("version") != VERSION:
+            raise ShardSetError(
+                f"{where}: manifest version {data.get('version')!r}; this vsotools reads {VERSION}"
+            )
+        try:
+            splits = {
+                split: [ShardInfo.from_json(s) for s in shards]
+                for split, shards in data["splits"].items()
+            }
+            skipped = [dict(s) for s in data.get("skipped") or []]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ShardSetError(f"{where}: malformed shard entry ({exc!r})") from None
+        for shard in (s for shards in splits.values() for s in shards):
+            # A shard is a file of the set's own folder: a name must not reach files elsewhere.
+            if shard.name in ("", ".", "..") or "/" in shard.name or "\\" in shard.name:
+                raise ShardSetError(
+                    f"{where}: shard name {shard.name!r} is not a file name in the set's folder"
+                )
+        return cls(
+            splits=splits,
+            recipe=dict(data.get("recipe") or {}),
+            build=dict(data.get("build") or {}),
+            skipped=skipped,
+        )
+
+
+def read_manifest(location: str | os.PathLike[str] | Location) -> ShardManifest:
+    """Read ``location/manifest.json`` (a local folder or an fsspec URL)."""
+    where = as_location(location)
+    data = where.read_bytes(MANIFEST_NAME)
+    if data is None:
+        raise ShardSetError(
+            f"{where.url_of(MANIFEST_NAME)} not found: not a complete shard set"
+            " (run `vsotools shard` to finish it)"
+        )
+    try:
+        parsed = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShardSetError(f"{where.url_of(MANIFEST_NAME)}: not valid JSON ({exc})") from None
+    return ShardManifest.from_json(parsed, where.url_of(MANIFEST_NAME))
+
+
+def write_manifest(location: str | os.PathLike[str] | Location, manifest: ShardManifest) -> None:
+    """Write ``location/manifest.json`` whole, atomically (local or fsspec URL)."""
+    as_location(location).write_bytes(MANIFEST_NAME, json_bytes(manifest.to_json()))
+
+
+def shard_urls(location: str, manifest: ShardManifest, split: str) -> list[str]:
+    """Full paths or URLs of the shards of ``split``, in manifest order."""
+    return [join(str(location), s.name) for s in manifest.shards(split)]
