@@ -352,7 +352,8 @@ def _fetch(args: argparse.Namespace) -> int:
 
     def text() -> None:
         if report.already_complete:
-            print(f"{args.out} already holds this fetch, finished; nothing to do")
+            print(f"{args.out} already holds this fetch, finished and complete; nothing to do")
+        _print_repaired(report.repaired, "fetched again")
         if report.source == schema.SOURCE_PAIRS:
             print(f"{args.out}: {count(report.photos)} pairs read")
         else:
@@ -447,13 +448,25 @@ def _filter(args: argparse.Namespace) -> int:
     report = filtering.filter_dataset(args.data, recipe, progress=_progress(args))
 
     def text() -> None:
-        if report.already_complete:
-            print(f"{folder.filtered} is up to date with these photo records and settings")
+        _print_repaired(report.repaired, "filtered again")
         _print_filter_report(report, recipe)
-        print(f"wrote {folder.filtered} and {folder.report_file('filter')}")
+        if report.already_complete:
+            print(
+                f"{folder.filtered} is up to date with these photo records and settings, and"
+                " complete; nothing written"
+            )
+        else:
+            print(f"wrote {folder.filtered} and {folder.report_file('filter')}")
 
     emit(args, report.to_output(), text)
     return 0
+
+
+def _print_repaired(names: Sequence[str], how: str) -> None:
+    """What a stage found missing or damaged in its finished output, and wrote again."""
+    if names:
+        more = f" and {count(len(names) - 5)} more" if len(names) > 5 else ""
+        print(f"missing or damaged: {', '.join(names[:5])}{more}; {how}")
 
 
 def _print_filter_report(report: Any, recipe: Any) -> None:
@@ -561,14 +574,19 @@ def _shard(args: argparse.Namespace) -> int:
 
     def text() -> None:
         total = sum(s.shards for s in report.splits.values())
+        _print_repaired(report.repaired, "written again")
         if report.already_complete:
             print(
-                f"{report.location} already holds this shard set; nothing written (--overwrite"
-                " writes it again)"
+                f"{report.location} already holds this shard set, complete; nothing written"
+                " (--overwrite writes it again)"
+            )
+        elif report.reused:
+            print(
+                f"wrote {_shards(report.written)} to {report.location}, kept"
+                f" {count(report.reused)} from an earlier run ({count(total)} in the set)"
             )
         else:
-            reused = f", {report.reused} from an earlier run" if report.reused else ""
-            print(f"wrote {total} shards to {report.location}{reused}")
+            print(f"wrote {_shards(report.written)} to {report.location}")
         for split, summary in report.splits.items():
             labels = ", ".join(f"{count(n)} {name}" for name, n in sorted(summary.labels.items()))
             print(
@@ -587,6 +605,10 @@ def _shard(args: argparse.Namespace) -> int:
 
     emit(args, report.to_json(), text)
     return 0
+
+
+def _shards(n: int) -> str:
+    return f"{count(n)} shard{'' if n == 1 else 's'}"
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -43,7 +43,7 @@ from vsotools.core.config import Recipe
 from vsotools.core.errors import VsoError
 from vsotools.core.processes import exit_with_parent
 from vsotools.core.text import clean_text, count_words
-from vsotools.dataset.folder import DatasetFolder, StageReport
+from vsotools.dataset.folder import FILTERED_FILE, DatasetFolder, StageReport
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ class FilterReport(StageReport):
     seconds: float = 0.0
     already_complete: bool = False
     """``filtered.parquet`` was already made from the same records and settings: nothing done."""
+    repaired: list[str] = field(default_factory=list)
+    """Files of a finished filter that were missing or damaged and were written again."""
 
 
 # --- the rules, on single records and on plain lists ----------------------------------------
@@ -165,14 +167,25 @@ def filter_dataset(data_dir: str | Path, recipe: Recipe, *, progress: bool = Fal
     if not folder.metadata_files():  # refused before the lock, so a wrong path stays untouched
         raise FilterError(f"{folder}: no photo records in {folder.metadata_dir}; fetch them first")
     with folder.lock():
-        # The part files read and the fingerprint recorded are taken at one moment, under the lock.
+        damaged = [
+            p for p in folder.damage("fetch") if folder.part_of(p.split(" ", 1)[0]) is not None
+        ]
+        if damaged:
+            raise FilterError(
+                f"{folder}: {damaged[0]}, as fetch recorded it; run fetch on the folder again to"
+                " write it again"
+            )
+        # The part files read and the inputs recorded are taken at one moment, under the lock.
         dataset = _open_metadata(folder)
-        fingerprint = folder.filter_fingerprint(recipe)
-        saved = folder.current_report("filter", fingerprint)
-        if saved is not None:
-            return FilterReport.from_saved(saved)
+        inputs = folder.filter_inputs(recipe)
+        status = folder.status("filter", inputs)
+        if status.current:
+            return FilterReport.from_saved(status.record)
+        if status.damaged:
+            log.warning("%s: %s; filtering again", folder, status.why)
         report = _filter(folder, dataset, recipe, progress)
-        folder.finish("filter", recipe, report.to_json(), fingerprint)
+        report.repaired = list(status.damaged)
+        folder.finish("filter", recipe, report.to_json(), inputs, [FILTERED_FILE])
     return report
 
 

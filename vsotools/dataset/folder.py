@@ -11,24 +11,42 @@ One module owns the folder's layout; every stage, ``vsotools run`` and the repor
     DATA/filter-recipe.toml           the recipe filter ran with
     DATA/filter-report.json           written last by filter: what each rule dropped, fingerprint
 
-A stage's report is written last, so its presence means the stage finished. Its
-``fingerprint`` is a checksum of everything the output was made from: the settings that shape
-it (``config.output_settings``) and the bytes of its input files (the pairs file and the ANP
-manifest for fetch; the photo records and the manifest for filter). An output is *current* for
-a set of inputs when its report holds their fingerprint, the way a shard set's manifest holds
-the fingerprint of ``filtered.parquet`` and the shard settings.
+A stage's report is written last, so its presence means the stage finished. It keeps what the
+output was made from (``inputs``: the settings that shape it, ``config.output_settings``, and
+the checksums of its input files: the pairs file and the ANP manifest for fetch; the photo
+records and the manifest for filter), their ``fingerprint``, and the files it vouches for
+(``files``: each one's size, and for ``filtered.parquet`` its sha256). ``status`` answers with
+the protocol of ``core.status``: the output is *current* when its report holds today's
+fingerprint and every file it lists is there as recorded; fetch's images, which its photo
+records list with their sizes, are checked the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
+
+import pyarrow.parquet as pq
 
 from vsotools.core.config import Recipe, output_settings, write_recipe
 from vsotools.core.errors import VsoError
 from vsotools.core.files import atomic_write_json, file_sha256, folder_lock, json_sha256
+from vsotools.core.schema import STATUS_OK
+from vsotools.core.status import (
+    CURRENT,
+    FILES,
+    MISSING,
+    STALE,
+    UNFINISHED,
+    Status,
+    changes,
+    damaged_files,
+    damaged_names,
+    listed_files,
+)
 
 Stage = Literal["fetch", "filter"]
 
@@ -39,27 +57,34 @@ INCOMING_DIR = ".incoming"
 FILTERED_FILE = "filtered.parquet"
 FINGERPRINT = "fingerprint"
 """The key of a report that holds the fingerprint of what the output was made from."""
+INPUTS = "inputs"
+"""The key of a report that holds what the fingerprint is a checksum of (to say what changed)."""
 
 
 class StageReport:
-    """A stage's report as its file holds it: every field but ``already_complete``, which says
-    whether this call found the output current and did nothing (``from_saved``)."""
+    """A stage's report as its file holds it, and what this call did that the file does not
+    keep: ``already_complete`` (it found the output current and did nothing, ``from_saved``)
+    and ``repaired`` (what it found missing or damaged and wrote again)."""
 
     already_complete: bool
+    repaired: list[str]
+
+    _CALL_FIELDS = ("already_complete", "repaired")
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)  # type: ignore[call-overload]
-        del data["already_complete"]
+        for name in self._CALL_FIELDS:
+            del data[name]
         return data
 
     def to_output(self) -> dict[str, Any]:
-        """The report as the command prints it (``--json``): the file's fields and ``already_complete``."""
-        return {**self.to_json(), "already_complete": self.already_complete}
+        """The report as the command prints it (``--json``): the file's fields and the call's."""
+        return {**self.to_json(), **{name: getattr(self, name) for name in self._CALL_FIELDS}}
 
     @classmethod
     def from_saved(cls, data: dict[str, Any]) -> Any:
         """The report a finished stage left, for a call that found its output current."""
-        known = {f for f in cls.__dataclass_fields__ if f != "already_complete"}  # type: ignore[attr-defined]
+        known = set(cls.__dataclass_fields__) - set(cls._CALL_FIELDS)  # type: ignore[attr-defined]
         return cls(**{k: v for k, v in data.items() if k in known}, already_complete=True)
 
 
@@ -99,13 +124,22 @@ class DatasetFolder:
     def metadata_part(self, part: int) -> Path:
         return self.metadata_dir / f"part-{part:05d}.parquet"
 
+    def part_of(self, name: str) -> int | None:
+        """The part number of the photo record file ``name`` (relative to the folder), or None
+        when ``name`` is not one."""
+        folder, _, file = name.rpartition("/")
+        if folder != METADATA_DIR or not file.startswith("part-") or not file.endswith(".parquet"):
+            return None
+        number = file[len("part-") : -len(".parquet")]
+        return int(number) if number.isascii() and number.isdigit() else None
+
     def metadata_files(self) -> list[Path]:
         """The photo record files, in part order."""
         if not self.metadata_dir.is_dir():
             return []
         return sorted(self.metadata_dir.glob("part-*.parquet"))
 
-    # --- reports and fingerprints ---------------------------------------------------------------
+    # --- reports, and whether an output is current ---------------------------------------------
 
     def read_report(self, stage: Stage) -> dict[str, Any] | None:
         """A stage's report, or None when the stage has not finished here."""
@@ -121,42 +155,105 @@ class DatasetFolder:
         return data
 
     def finish(
-        self, stage: Stage, recipe: Recipe, report: dict[str, Any], fingerprint: str
+        self,
+        stage: Stage,
+        recipe: Recipe,
+        report: dict[str, Any],
+        inputs: dict[str, Any],
+        outputs: Iterable[str],
     ) -> None:
-        """Record that ``stage`` finished: its recipe, then its report (last) with ``fingerprint``."""
+        """Record that ``stage`` finished: its recipe, then its report (last), which keeps the
+        ``inputs`` it was made from, their fingerprint, and the files it vouches for: its recipe
+        and ``outputs`` (names relative to the folder; ``filtered.parquet`` with its sha256)."""
         write_recipe(recipe, self.recipe_file(stage))
-        atomic_write_json(self.report_file(stage), {**report, FINGERPRINT: fingerprint})
+        names = [self.recipe_file(stage).name, *outputs]
+        files = listed_files(self.root, names, checksummed=[FILTERED_FILE])
+        atomic_write_json(
+            self.report_file(stage),
+            {**report, FINGERPRINT: json_sha256(inputs), INPUTS: inputs, FILES: files},
+        )
 
-    def current_report(self, stage: Stage, fingerprint: str) -> dict[str, Any] | None:
-        """``stage``'s report when it finished here from the inputs and settings ``fingerprint``
-        stands for; None when it has not, or from others."""
-        report = self.read_report(stage)
-        return report if report is not None and report.get(FINGERPRINT) == fingerprint else None
+    def status(self, stage: Stage, inputs: dict[str, Any]) -> Status:
+        """Whether ``stage``'s output here is missing, unfinished (or damaged: a file its report
+        lists is gone or not as recorded; for fetch, an image its photo records list too),
+        stale (made from other ``inputs``: why names them) or current."""
+        try:
+            report = self.read_report(stage)
+        except DatasetError as exc:
+            return Status(UNFINISHED, f"its report is damaged ({exc})")
+        if report is None:
+            started = self.state_file.exists() if stage == "fetch" else False
+            if started:
+                return Status(UNFINISHED, "a fetch was started here and has not finished")
+            return Status(MISSING, f"no {stage} has finished in {self}")
+        if report.get(FINGERPRINT) != json_sha256(inputs):
+            what = changes(report.get(INPUTS), inputs)
+            return Status(STALE, f"made from other inputs ({'; '.join(what[:4])})", report)
+        problems = damaged_files(self.root, report.get(FILES))
+        if stage == "filter" and FILES not in report and not self.filtered.is_file():
+            problems.append(f"{FILTERED_FILE} is missing")
+        if stage == "fetch":
+            problems += self.damaged_images()
+        if problems:
+            more = f" and {len(problems) - 3:,} more" if len(problems) > 3 else ""
+            why = f"{'; '.join(problems[:3])}{more}"
+            return Status(UNFINISHED, why, report, damaged_names(problems))
+        return Status(CURRENT, "complete and current", report)
 
-    def fetch_fingerprint(self, recipe: Recipe, pairs_sha256: str | None) -> str:
+    def damage(self, stage: Stage) -> list[str]:
+        """What is wrong with the files ``stage``'s report lists (empty when it has none, or
+        none is wrong): one phrase per file, naming it."""
+        try:
+            report = self.read_report(stage)
+        except DatasetError:
+            return []
+        return [] if report is None else damaged_files(self.root, report.get(FILES))
+
+    def damaged_images(self) -> list[str]:
+        """The stored images that the photo records list and that are missing or not of their
+        recorded size: one phrase each, naming the image's path in the folder."""
+        problems = []
+        for part in self.metadata_files():
+            try:
+                table = pq.read_table(part, columns=["status", "image_path", "image_bytes"])
+            except (OSError, ValueError) as exc:
+                problems.append(f"{part.relative_to(self.root)} is unreadable ({exc})")
+                continue
+            columns = table.to_pydict()
+            for status, path, size in zip(
+                columns["status"], columns["image_path"], columns["image_bytes"], strict=True
+            ):
+                if status != STATUS_OK or not path:
+                    continue
+                try:
+                    found = (self.root / path).stat().st_size
+                except OSError:
+                    problems.append(f"{path} is missing")
+                    continue
+                if found != size:
+                    problems.append(f"{path} has {found:,} bytes, {size:,} recorded")
+        return problems
+
+    def fetch_inputs(self, recipe: Recipe, pairs_sha256: str | None) -> dict[str, Any]:
         """What a fetch output is made from: the settings that shape it, and the bytes of the
         pairs file (their sha256, which the fetch reads anyway) or of the ANP manifest whose
         ANPs it searched."""
-        return json_sha256(
-            {
-                "anps": output_settings(recipe.anps),
-                "fetch": output_settings(recipe.fetch),
-                "pairs": pairs_sha256,
-                "manifest": None if recipe.fetch.pairs else _optional_sha256(recipe.anps.manifest),
-            }
-        )
+        return {
+            "anps": output_settings(recipe.anps),
+            "fetch": output_settings(recipe.fetch),
+            "pairs": pairs_sha256,
+            "manifest": None if recipe.fetch.pairs else _optional_sha256(recipe.anps.manifest),
+        }
 
-    def filter_fingerprint(self, recipe: Recipe) -> str:
+    def filter_inputs(self, recipe: Recipe) -> dict[str, Any]:
         """What ``filtered.parquet`` is made from: the filter and labelling settings, the bytes
         of every photo record file and of the ANP manifest."""
-        return json_sha256(
-            {
-                "anps": output_settings(recipe.anps),
-                "filter": output_settings(recipe.filter),
-                "metadata": {p.name: file_sha256(p) for p in self.metadata_files()},
-                "manifest": _optional_sha256(recipe.anps.manifest),
-            }
-        )
+        return {
+            "anps": output_settings(recipe.anps),
+            "filter": output_settings(recipe.filter),
+            "metadata": {p.name: file_sha256(p) for p in self.metadata_files()},
+            "manifest": _optional_sha256(recipe.anps.manifest),
+        }
 
     # --- one writer at a time -------------------------------------------------------------------
 

@@ -73,6 +73,8 @@ class FetchReport(StageReport):
     """Runs that worked on the folder, killed ones included."""
     already_complete: bool = False
     """The folder already held this fetch, finished from the same inputs: nothing was done."""
+    repaired: list[str] = field(default_factory=list)
+    """Files of a finished fetch that were missing or damaged and were written again."""
 
 
 def fetch(
@@ -96,13 +98,18 @@ def fetch(
         raise ConfigError("a crawl needs Flickr credentials (FLICKR_API_KEY)")
     with folder.lock():
         pairs_sha256 = None if pairs is None else _pairs_sha256(pairs)
-        fingerprint = folder.fetch_fingerprint(recipe, pairs_sha256)
-        saved = None if retry_failed else folder.current_report("fetch", fingerprint)
-        if saved is not None:
+        inputs = folder.fetch_inputs(recipe, pairs_sha256)
+        status = folder.status("fetch", inputs)
+        if status.current and not retry_failed:
             log.debug("%s already holds this fetch; nothing to do", folder)
-            return FetchReport.from_saved(saved)
-        report = _fetch(recipe, folder, pairs, pairs_sha256, credentials, retry_failed, progress)
-        folder.finish("fetch", recipe, report.to_json(), fingerprint)
+            return FetchReport.from_saved(status.record)
+        if status.damaged:
+            log.warning("%s: %s; fetching what is missing again", folder, status.why)
+        report = _fetch(
+            recipe, folder, pairs, pairs_sha256, credentials, retry_failed, progress, status.damaged
+        )
+        outputs = [p.relative_to(folder.root).as_posix() for p in folder.metadata_files()]
+        folder.finish("fetch", recipe, report.to_json(), inputs, outputs)
     return report
 
 
@@ -114,6 +121,7 @@ def _fetch(
     credentials: Credentials | None,
     retry_failed: bool,
     progress: bool,
+    damaged: tuple[str, ...] = (),
 ) -> FetchReport:
     started = time.monotonic()
     config = recipe.fetch
@@ -132,6 +140,7 @@ def _fetch(
             log.info("kept %d images saved by an interrupted run", recovered)
         if retry_failed:
             log.info("retrying %d failed photos", store.reset_failed())
+        store.forget_damaged(damaged)
         extra_hosts = [] if pairs is not None else [_host(config.api_url)]
         settings = DownloadSettings.from_config(config, extra_hosts)
         api_calls = 0
@@ -167,6 +176,7 @@ def _fetch(
         api_calls=api_calls,
         seconds=round(seconds, 3),
         runs=runs,
+        repaired=list(damaged),
     )
 
 

@@ -385,6 +385,35 @@ class Store:
             name = f"{name[:80]}-{seq}"  # two ids may read alike once made safe
         return f"{IMAGES_DIR}/{seq // self.part_size:05d}/{name}.{ext}"
 
+    def forget_damaged(self, names: Iterable[str]) -> None:
+        """Make the damaged files of a finished fetch be written again: a stored image that is
+        missing or not as recorded is fetched again (its photo is pending once more), a photo
+        record file is rewritten; other names are left to the caller."""
+        names = list(names)
+        parts = {name: self.folder.part_of(name) for name in names}
+        images = [name for name in names if name.startswith(f"{IMAGES_DIR}/")]
+        with self._transaction() as db:
+            for start in range(0, len(images), 500):
+                chunk = images[start : start + 500]
+                rows = db.execute(
+                    f"SELECT seq, image_path FROM photos WHERE status = ?"
+                    f" AND image_path IN ({', '.join('?' * len(chunk))})",
+                    (STATUS_OK, *chunk),
+                ).fetchall()
+                for seq, image_path in rows:
+                    db.execute(
+                        "UPDATE photos SET status = NULL, error = NULL, sha256 = NULL,"
+                        " image_bytes = NULL, width = NULL, height = NULL, image_path = NULL"
+                        " WHERE seq = ?",
+                        (seq,),
+                    )
+                    self._mark_dirty(db, seq)
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.root / image_path).unlink()  # a damaged copy, fetched again
+            for part in parts.values():
+                if part is not None:
+                    db.execute("UPDATE parts SET dirty = 1 WHERE part = ?", (part,))
+
     # --- outputs ------------------------------------------------------------------------------
 
     def _mark_dirty(self, db: sqlite3.Connection, seq: int) -> None:

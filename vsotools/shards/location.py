@@ -182,6 +182,27 @@ class Location:
         )
 
     @_storage_errors
+    def sizes(self, folder: str = "") -> dict[str, int]:
+        """Name -> size in bytes of the files directly in ``folder``: one listing, however many
+        files (a status check of a set of a thousand shards on an object store is one call)."""
+        if self.local is not None:
+            where = self.local / folder
+            if not where.is_dir():
+                return {}
+            return {p.name: p.stat().st_size for p in where.iterdir() if p.is_file()}
+        self.fs.invalidate_cache()
+        where = self._remote(folder).rstrip("/") if folder else self.root
+        try:
+            entries = self.fs.ls(where, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {
+            e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e["size"])
+            for e in entries
+            if e["type"] == "file"
+        }
+
+    @_storage_errors
     def remove(self, name: str) -> None:
         """Delete ``name`` if it exists."""
         if self.local is not None:

@@ -24,6 +24,11 @@ The file looks like::
 the input's checksum), so that a rerun can tell "finish or skip this set" from "this set was
 written with another configuration". ``skipped`` lists the photos left out because their image
 was missing or undecodable. Both are optional for readers.
+
+``status`` answers for a location with the protocol of ``core.status``: a set is *current*
+when its manifest holds the build fingerprint asked about and every shard it lists is there
+with its recorded size (and the recipe beside it); a run that has not written its manifest yet
+leaves ``_parts/job.json``, which makes the set *unfinished* rather than *missing*.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vsotools.core.files import json_bytes, json_sha256
-from vsotools.shards.errors import ShardSetError
+from vsotools.core.status import CURRENT, MISSING, STALE, UNFINISHED, Status, changes
+from vsotools.shards.errors import ShardError, ShardSetError
 from vsotools.shards.location import Location, as_location, join
 
 MANIFEST_NAME = "manifest.json"
@@ -195,3 +201,84 @@ def write_manifest(location: str | os.PathLike[str] | Location, manifest: ShardM
 def shard_urls(location: str, manifest: ShardManifest, split: str) -> list[str]:
     """Full paths or URLs of the shards of ``split``, in manifest order."""
     return [join(str(location), s.name) for s in manifest.shards(split)]
+
+
+def status(location: Location, build: dict[str, Any]) -> Status:
+    """Whether ``location`` holds the shard set of ``build`` (``{"fingerprint", "settings",
+    "input"}``): missing, unfinished (a run of it not finished, or a shard or the recipe its
+    manifest lists gone or of another size: ``damaged`` names them), stale (a set, finished or
+    not, of another build: ``why`` says what differs) or current. The record is the manifest of
+    a finished set, else the job of an unfinished one."""
+    manifest, unreadable = _manifest_at(location)
+    job = read_json(location, JOB_NAME)
+    if manifest is not None:
+        if manifest.build.get("fingerprint") != build["fingerprint"]:
+            return Status(
+                STALE, _other_build("a complete shard set", manifest.build, build), manifest
+            )
+        sizes = location.sizes()
+        problems = [
+            f"{shard.name} is missing"
+            if sizes.get(shard.name) is None
+            else f"{shard.name} has {sizes[shard.name]:,} bytes, {shard.bytes:,} recorded"
+            for shards in manifest.splits.values()
+            for shard in shards
+            if sizes.get(shard.name) != shard.bytes
+        ]
+        if RECIPE_NAME not in sizes:
+            problems.append(f"{RECIPE_NAME} is missing")
+        if problems:
+            more = f" and {len(problems) - 3:,} more" if len(problems) > 3 else ""
+            names = tuple(problem.split(" ", 1)[0] for problem in problems)
+            return Status(UNFINISHED, f"{'; '.join(problems[:3])}{more}", manifest, names)
+        return Status(CURRENT, "complete and current", manifest)
+    if isinstance(job, dict):
+        if job.get("fingerprint") != build["fingerprint"]:
+            return Status(STALE, _other_build("an unfinished shard set", job, build), job)
+        why = unreadable or "a run of this set has not finished"
+        return Status(UNFINISHED, why, job)
+    if unreadable:
+        raise ShardSetError(f"{location.url_of(MANIFEST_NAME)}: {unreadable}")
+    return Status(MISSING, f"no shard set at {location}")
+
+
+def _manifest_at(location: Location) -> tuple[ShardManifest | None, str | None]:
+    """The manifest at ``location`` (None when there is none), or why it cannot be read."""
+    data = location.read_bytes(MANIFEST_NAME)
+    if data is None:
+        return None, None
+    try:
+        return ShardManifest.from_json(json.loads(data), location.url_of(MANIFEST_NAME)), None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return None, f"{MANIFEST_NAME} is not valid JSON ({exc})"
+    except ShardSetError as exc:
+        return None, str(exc)
+
+
+def _other_build(what: str, old: Any, new: dict[str, Any]) -> str:
+    old = old if isinstance(old, dict) else {}
+    found = changes(
+        {"shard": old.get("settings") or {}, "input": old.get("input") or {}},
+        {"shard": new["settings"], "input": new["input"]},
+    )
+    found = [
+        "filtered.parquet differs from the one it was written from"
+        if item.startswith("input.filtered_sha256")
+        else item
+        for item in found
+        if not item.startswith("input.records")
+    ]
+    return (
+        f"holds {what} written with another configuration ({'; '.join(found) or 'unknown build'})"
+    )
+
+
+def read_json(location: Location, name: str) -> Any:
+    """The JSON file ``name`` at ``location``, None when there is none."""
+    data = location.read_bytes(name)
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShardError(f"{location.url_of(name)}: not valid JSON ({exc})") from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import re
 import statistics
@@ -28,6 +27,7 @@ from vsotools.core.config import Recipe, ShardConfig, output_settings, recipe_to
 from vsotools.core.errors import ExistingOutput
 from vsotools.core.files import file_sha256, folder_lock, json_bytes, json_sha256
 from vsotools.core.schema import TRAIN
+from vsotools.core.status import CURRENT, STALE, UNFINISHED
 from vsotools.dataset.folder import DatasetFolder
 from vsotools.shards.errors import ShardError
 from vsotools.shards.location import Location
@@ -39,8 +39,10 @@ from vsotools.shards.manifest import (
     ShardInfo,
     ShardManifest,
     is_shard_name,
+    read_json,
     write_manifest,
 )
+from vsotools.shards.manifest import status as set_status
 from vsotools.shards.plan import (
     Part,
     cut_parts,
@@ -87,7 +89,9 @@ class ShardReport:
     reused: int = 0
     """Shards an interrupted earlier run had completed."""
     already_complete: bool = False
-    """The location already held this very set; nothing was written."""
+    """The location already held this very set, complete; nothing was written."""
+    repaired: list[str] = field(default_factory=list)
+    """Files of a finished set that were missing or damaged and were written again."""
     skipped: list[dict[str, Any]] = field(default_factory=list)
     """Photos left out (missing or undecodable image), with ``photo_id`` and ``reason``."""
     warnings: list[str] = field(default_factory=list)
@@ -118,7 +122,7 @@ def write_shards(
     table = read_filtered(folder)
     if table.num_rows == 0:
         raise ShardError(f"{folder.filtered}: no records to shard")
-    build = _build(recipe.shard, folder, table.num_rows)
+    build = _build(recipe, folder, table.num_rows)
     location = Location(out)
     location.prepare()
     with _lock(location):
@@ -142,6 +146,8 @@ def _write_shards(
         return _report(location, previous.manifest, already_complete=True)
     if previous.clear:
         clear_shard_set(location)
+    if previous.repair:
+        log.warning("%s: %s; writing them again", location, previous.why)
     _remove_temporaries(location)
 
     splits = table.column("split").to_pylist()
@@ -179,6 +185,7 @@ def _write_shards(
     location.write_bytes(RECIPE_NAME, recipe_to_toml(recipe).encode("utf-8"))
     write_manifest(location, manifest)
     report = _report(location, manifest, written=len(written), reused=len(done))
+    report.repaired = list(previous.repair)
     for message in report.warnings:
         log.warning("%s", message)
     return report
@@ -191,10 +198,16 @@ def _lock(location: Location):
     return folder_lock(location.local, "this shard set")
 
 
-def _build(config: ShardConfig, folder: DatasetFolder, records: int) -> dict[str, Any]:
-    """What the set is written from; its fingerprint tells a resumable run from a foreign one."""
-    settings = output_settings(config)
-    source = {"filtered_sha256": file_sha256(folder.filtered), "records": records}
+def _build(recipe: Recipe, folder: DatasetFolder, records: int) -> dict[str, Any]:
+    """What the set is written from; its fingerprint tells a resumable run from a foreign one.
+    Besides the shard settings, the most bytes an image may have (``fetch.max_bytes``) shapes
+    the set: a larger image is left out."""
+    settings = output_settings(recipe.shard)
+    source = {
+        "filtered_sha256": file_sha256(folder.filtered),
+        "records": records,
+        "max_image_bytes": recipe.fetch.max_bytes,
+    }
     fingerprint = json_sha256({"settings": settings, "input": source})
     return {"fingerprint": fingerprint, "settings": settings, "input": source}
 
@@ -202,13 +215,16 @@ def _build(config: ShardConfig, folder: DatasetFolder, records: int) -> dict[str
 @dataclass(frozen=True)
 class PreviousSet:
     """What a location holds before a run: nothing of ours, the complete set of this build (its
-    manifest), or an unfinished run of it (its job: how the set is cut); ``clear`` when what it
-    holds is to be deleted first."""
+    manifest), or an unfinished run of it (its job: how the set is cut, when it is known);
+    ``clear`` when what it holds is to be deleted first; ``repair``, the files of a finished set
+    that are missing or damaged, and ``why``."""
 
     state: Literal["none", "complete", "unfinished"]
     manifest: ShardManifest | None = None
     job: dict[str, Any] | None = None
     clear: bool = False
+    repair: tuple[str, ...] = ()
+    why: str = ""
 
 
 def _previous_set(
@@ -228,19 +244,23 @@ def _previous_set(
 
 
 def _held_set(location: Location, build: dict[str, Any]) -> PreviousSet:
-    manifest = _read_json(location, MANIFEST_NAME)
-    job = _read_json(location, JOB_NAME)
-    if manifest is not None:
-        previous = ShardManifest.from_json(manifest, location.url_of(MANIFEST_NAME))
-        if previous.build.get("fingerprint") == build["fingerprint"]:
-            return PreviousSet("complete", manifest=previous)
-        raise _refusal(location, "a complete shard set", previous.build, build)
-    if job is not None:
-        if job.get("fingerprint") != build["fingerprint"]:
-            raise _refusal(location, "an unfinished shard set", job, build)
-        if not isinstance(job.get("shards"), dict):
+    found = set_status(location, build)
+    if found.state == CURRENT:
+        return PreviousSet("complete", manifest=found.record)
+    if found.state == STALE:
+        raise ExistingOutput(f"{location} {found.why}", "replace", "elsewhere")
+    if found.state == UNFINISHED:
+        job = found.record if not isinstance(found.record, ShardManifest) else None
+        if job is None:  # a finished set with files gone: its job, if still there, says the cut
+            kept = read_json(location, JOB_NAME)
+            job = (
+                kept
+                if isinstance(kept, dict) and kept.get("fingerprint") == build["fingerprint"]
+                else None
+            )
+        if job is not None and not isinstance(job.get("shards"), dict):
             raise ExistingOutput(f"{location.url_of(JOB_NAME)}: malformed", "replace")
-        return PreviousSet("unfinished", job=job)
+        return PreviousSet("unfinished", job=job, repair=found.damaged, why=found.why)
     strays = [name for name in location.list() if is_shard_name(name)]
     if strays:
         raise ExistingOutput(
@@ -250,25 +270,6 @@ def _held_set(location: Location, build: dict[str, Any]) -> PreviousSet:
             "elsewhere",
         )
     return PreviousSet("none")
-
-
-def _refusal(
-    location: Location, what: str, old: Mapping[str, Any], new: Mapping[str, Any]
-) -> ExistingOutput:
-    old_settings = old.get("settings") or {}
-    changes = [
-        f"shard.{key} {old_settings.get(key)!r} there, {value!r} now"
-        for key, value in new["settings"].items()
-        if old_settings.get(key) != value
-    ]
-    if (old.get("input") or {}).get("filtered_sha256") != new["input"]["filtered_sha256"]:
-        changes.append("filtered.parquet differs from the one it was written from")
-    return ExistingOutput(
-        f"{location} holds {what} written with another configuration"
-        f" ({'; '.join(changes) or 'unknown build'})",
-        "replace",
-        "elsewhere",
-    )
 
 
 def _new_job_state(
@@ -321,7 +322,7 @@ def _completed_parts(
     for part in parts:
         if part.marker.rsplit("/", 1)[-1] not in markers:
             continue
-        data = _read_json(location, part.marker)
+        data = read_json(location, part.marker)
         try:
             result = PartResult.from_json(data)
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -428,13 +429,3 @@ def _is_ours(folder: str, name: str) -> bool:
     if folder == PARTS_DIR:
         return name.endswith(".json")
     return is_shard_name(name) or name in (MANIFEST_NAME, RECIPE_NAME)
-
-
-def _read_json(location: Location, name: str) -> Any:
-    data = location.read_bytes(name)
-    if data is None:
-        return None
-    try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ShardError(f"{location.url_of(name)}: not valid JSON ({exc})") from None

@@ -1,0 +1,207 @@
+"""Outputs that are what they claim: every stage checks the files its last record lists.
+
+A dataset is fetched from a pairs file, filtered and sharded once; each test copies those
+outputs, deletes or truncates one file that an output lists, and runs the stage again through
+the command line: the stage must say what it found and write exactly the bytes an undisturbed
+run wrote, never "up to date" over a missing file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from shard_inputs import picture
+
+from vsotools.core.status import CURRENT, MISSING, STALE, UNFINISHED
+from vsotools.dataset.folder import DatasetFolder
+
+SHARD_ARGS = [
+    "--image-size",
+    "48",
+    "--maxcount",
+    "12",
+    "--workers",
+    "1",
+    "--set",
+    "shard.readers=1",
+]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """``ROOT/data`` (fetched from ``ROOT/pairs.jsonl``, filtered) and ``ROOT/shards``."""
+    from conftest import run_vsotools
+
+    root = tmp_path_factory.mktemp("outputs")
+    rng = random.Random(3)
+    (root / "images").mkdir()
+    lines = []
+    for i in range(40):
+        picture(rng, 64 + i, 48).save(root / "images" / f"{i}.jpg", "JPEG", quality=85)
+        label = "positive" if i % 3 else "negative"
+        lines.append(json.dumps({"id": f"p{i}", "text": f"photo {i} of a day", "label": label,
+                                 "image": f"images/{i}.jpg"}))  # fmt: skip
+    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    for args in (
+        ["fetch", "--pairs", root / "pairs.jsonl", "--out", root / "data"],
+        ["filter", root / "data", "--min-words", "1"],
+        ["shard", root / "data", "--out", root / "shards", *SHARD_ARGS],
+    ):
+        done = run_vsotools(*args, timeout=300)
+        assert done.returncode == 0, done.stderr
+    return root
+
+
+@pytest.fixture
+def copy(built, tmp_path) -> Path:
+    """A copy of the finished outputs, to damage."""
+    for name in ("data", "shards"):
+        shutil.copytree(built / name, tmp_path / name)
+    return tmp_path
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``folder`` but reports, locks and the state
+    (whose counts and times differ between runs by design)."""
+    skipped = {"fetch-report.json", "filter-report.json", ".vsotools.lock", "fetch-state.sqlite"}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in skipped and not p.name.startswith("fetch-state.sqlite")
+    }
+
+
+def damage(path: Path, how: str) -> None:
+    if how == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate"])
+def test_filter_writes_again_a_filtered_parquet_that_is_gone_or_cut(cli, built, copy, how):
+    """Bug: with filtered.parquet deleted, filter printed that it was up to date and that it
+    had written it, exited 0, and left no file."""
+    before = digests(copy / "data")
+    damage(copy / "data" / "filtered.parquet", how)
+    again = cli("filter", copy / "data", "--min-words", "1")
+    assert again.code == 0, again.err
+    assert "up to date" not in again.out
+    assert "missing or damaged: filtered.parquet; filtered again" in again.out
+    assert digests(copy / "data") == before
+    third = cli("filter", copy / "data", "--min-words", "1")
+    assert "is up to date" in third.out and "nothing written" in third.out
+    assert "wrote" not in third.out
+
+
+def test_filter_refuses_photo_records_that_fetch_wrote_otherwise(cli, copy):
+    part = copy / "data" / "metadata" / "part-00000.parquet"
+    damage(part, "truncate")
+    refused = cli("filter", copy / "data", "--min-words", "1")
+    assert refused.code == 1
+    assert "metadata/part-00000.parquet has" in refused.err and "run fetch" in refused.err
+
+
+@pytest.mark.parametrize(
+    ("victim", "how"),
+    [
+        ("metadata/part-00000.parquet", "delete"),
+        ("metadata/part-00000.parquet", "truncate"),
+        ("images/00000/p7.jpg", "delete"),
+        ("images/00000/p7.jpg", "truncate"),
+        ("fetch-recipe.toml", "delete"),
+    ],
+)
+def test_fetch_writes_again_what_its_records_list(cli, built, copy, victim, how):
+    before = digests(copy / "data")
+    assert victim in before
+    damage(copy / "data" / victim, how)
+    status = DatasetFolder(copy / "data").status(
+        "fetch", json.loads((copy / "data" / "fetch-report.json").read_text())["inputs"]
+    )
+    assert status.state == UNFINISHED and victim in status.damaged
+    again = cli("fetch", "--pairs", built / "pairs.jsonl", "--out", copy / "data")
+    assert again.code == 0, again.err
+    assert "nothing to do" not in again.out
+    assert f"missing or damaged: {victim}" in again.out
+    assert digests(copy / "data") == before
+    third = cli("fetch", "--pairs", built / "pairs.jsonl", "--out", copy / "data")
+    assert "nothing to do" in third.out
+
+
+def test_a_damaged_recipe_that_a_command_follows_is_refused_by_name(cli, built, copy):
+    """Without --recipe, fetch follows DATA/fetch-recipe.toml: a cut one is bad input."""
+    damage(copy / "data" / "fetch-recipe.toml", "truncate")
+    refused = cli("fetch", "--pairs", built / "pairs.jsonl", "--out", copy / "data")
+    assert refused.code == 1
+    assert "fetch-recipe.toml: not valid TOML" in refused.err
+
+
+def shard_names(shards: Path) -> list[str]:
+    return sorted(p.name for p in shards.glob("*.tar"))
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate"])
+def test_shard_writes_again_a_shard_the_manifest_lists(cli, copy, how):
+    """Bug: with one .tar of a finished set deleted, shard said the location already held the
+    set and wrote nothing."""
+    shards = copy / "shards"
+    before = digests(shards)
+    victim = shard_names(shards)[1]
+    damage(shards / victim, how)
+    again = cli("shard", copy / "data", "--out", shards, *SHARD_ARGS)
+    assert again.code == 0, again.err
+    assert "already holds" not in again.out
+    assert f"missing or damaged: {victim}; written again" in again.out
+    total = len(shard_names(shards))
+    assert f"wrote 1 shard to {shards}, kept {total - 1} from an earlier run" in again.out
+    assert digests(shards) == before
+    third = cli("shard", copy / "data", "--out", shards, *SHARD_ARGS)
+    assert "already holds this shard set, complete" in third.out
+
+
+@pytest.mark.parametrize("victim", ["manifest.json", "recipe.toml", "_parts/job.json"])
+def test_shard_writes_again_its_manifest_recipe_and_job(cli, copy, victim):
+    shards = copy / "shards"
+    before = digests(shards)
+    (shards / victim).unlink()
+    again = cli("shard", copy / "data", "--out", shards, *SHARD_ARGS)
+    assert again.code == 0, again.err
+    if victim == "_parts/job.json":  # not something the set vouches for: still complete
+        assert "already holds this shard set, complete" in again.out
+        before.pop(victim)
+    assert digests(shards) == before
+
+
+def test_a_truncated_manifest_is_written_again(cli, copy):
+    shards = copy / "shards"
+    before = digests(shards)
+    damage(shards / "manifest.json", "truncate")
+    again = cli("shard", copy / "data", "--out", shards, *SHARD_ARGS)
+    assert again.code == 0, again.err
+    assert digests(shards) == before
+
+
+def test_the_status_of_each_output(built, copy):
+    from vsotools.core.config import load_recipe
+    from vsotools.shards.location import Location
+    from vsotools.shards.manifest import read_manifest, status
+
+    data = DatasetFolder(copy / "data")
+    recipe = load_recipe(data.recipe_file("filter"))
+    assert data.status("filter", data.filter_inputs(recipe)).state == CURRENT
+    stale = data.status("filter", data.filter_inputs(recipe.override({"filter.min_words": 3})))
+    assert stale.state == STALE and "filter.min_words 1 there, 3 now" in stale.why
+    assert DatasetFolder(copy / "nothing").status("filter", {}).state == MISSING
+
+    build = read_manifest(copy / "shards").build
+    assert status(Location(copy / "shards"), build).state == CURRENT
+    other = {**build, "fingerprint": "0" * 64, "settings": {**build["settings"], "quality": 50}}
+    stale = status(Location(copy / "shards"), other)
+    assert stale.state == STALE and "shard.quality 90 there, 50 now" in stale.why
+    assert status(Location(copy / "empty"), build).state == MISSING
