@@ -142,7 +142,6 @@ def shard_rate(
         shards,
         decoder,
         batch_size=config.batch_size,
-        num_workers=workers,
         steps=steps + warmup,
         seed=0,
         shuffle_buffer=500,

@@ -134,7 +134,6 @@ def pipeline_rate(
         shards,
         decoder,
         batch_size=batch,
-        num_workers=workers,
         steps=steps_per_epoch(total, batch, 1),
         seed=0,
         shuffle_buffer=500,

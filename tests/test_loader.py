@@ -118,7 +118,7 @@ def test_training_epochs_have_the_same_steps_on_every_rank_and_cover_the_split(t
         for rank in range(2):
             stream = ShardStream(
                 shards_of(root, "train"), text_decoder(train=True), batch_size=25, rank=rank,
-                world_size=2, num_workers=2, steps=steps, seed=3, shuffle_buffer=10,
+                world_size=2, steps=steps, seed=3, shuffle_buffer=10,
             )  # fmt: skip
             stream.set_epoch(epoch)
             batches = list(make_loader(stream, num_workers=2, pin_memory=False))
@@ -128,6 +128,37 @@ def test_training_epochs_have_the_same_steps_on_every_rank_and_cover_the_split(t
         assert seen == Counter(keys_of(root, "train"))
 
 
+@pytest.mark.parametrize("loader_workers", [0, 1, 3])
+def test_a_plain_dataloader_reads_every_shard_whatever_its_worker_count(tmp_path, loader_workers):
+    """Bug: the stream kept its own worker count (set from train.workers), corrected only by a
+    side effect of make_loader; a plain DataLoader with another count silently read a quarter
+    of a 4-shard split (20 of 80 samples), even with the manifest check on."""
+    root = write_shard_set(tmp_path / "four", train=80, test=20, per_shard=20)
+    shards = shards_of(root, "train")
+    assert len(shards) == 4
+    evaluation = ShardStream(shards, text_decoder(), batch_size=8)
+    loader = torch.utils.data.DataLoader(evaluation, batch_size=None, num_workers=loader_workers)
+    keys = [k for batch in loader for k in batch["keys"]]
+    assert Counter(keys) == Counter(keys_of(root, "train"))
+    training = ShardStream(shards, text_decoder(train=True), batch_size=8, steps=10, seed=2)
+    loader = torch.utils.data.DataLoader(training, batch_size=None, num_workers=loader_workers)
+    assert sum(1 for _ in loader) == 10
+
+    # The stream of a split as training builds it, from a recipe that asks for 4 workers.
+    from vsotools.core.config import Recipe
+    from vsotools.training.data import ModelInput, ShardSet, split_stream
+    from vsotools.training.distributed import Context
+
+    config = Recipe().override({"train.workers": 4, "train.model": "text"}).train
+    vocab = Vocabulary(["happy", "sad"], lowercase=True)
+    context = Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    stream = split_stream(
+        ShardSet.open(str(root)), "train", ModelInput.of(config, vocab), config, context
+    )
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=loader_workers)
+    assert sorted(k for batch in loader for k in batch["keys"]) == sorted(keys_of(root, "train"))
+
+
 def test_a_rank_with_less_data_still_runs_every_step(shard_set):
     # 200 samples, the last shard short: each rank runs 200 // (16 x 2) = 6 full batches.
     steps = steps_per_epoch(200, 16, 2)
@@ -135,7 +166,7 @@ def test_a_rank_with_less_data_still_runs_every_step(shard_set):
     for rank in range(2):
         stream = ShardStream(
             shards_of(shard_set, "train"), text_decoder(train=True), batch_size=16, rank=rank,
-            world_size=2, num_workers=2, steps=steps, seed=0, shuffle_buffer=20,
+            world_size=2, steps=steps, seed=0, shuffle_buffer=20,
         )  # fmt: skip
         counts.append(sum(1 for _ in make_loader(stream, num_workers=2, pin_memory=False)))
     assert counts == [steps, steps]
@@ -153,9 +184,7 @@ def test_validation_carve_is_deterministic_and_disjoint(shard_set):
 def test_decoded_training_images_are_uint8_crops_and_texts_are_padded_ids(shard_set):
     vocab = Vocabulary(["happy", "sad", "the"], lowercase=True)
     decoder = SampleDecoder(text=vocab, max_tokens=6, crop_size=64, train=True, scale_jitter=0.2)
-    stream = ShardStream(
-        shards_of(shard_set, "test"), decoder, batch_size=10, num_workers=1, steps=2, seed=1
-    )
+    stream = ShardStream(shards_of(shard_set, "test"), decoder, batch_size=10, steps=2, seed=1)
     batch = next(iter(make_loader(stream, num_workers=1, pin_memory=False)))
     assert batch["images"].shape == (10, 64, 64, 3) and batch["images"].dtype == torch.uint8
     assert batch["tokens"].dtype == torch.int32
@@ -260,7 +289,7 @@ def test_gpu_decoding_without_torchvision_says_how_to_install_it():
         "jpegs": [torch.zeros(4, dtype=torch.uint8)],
         "boxes": torch.zeros(1, 4, dtype=torch.int64),
     }
-    with pytest.raises(VsoError, match="pip install torchvision"):
+    with pytest.raises(VsoError, match=r"needs torchvision.io: pip install .vsotools\[gpu\]."):
         mover.inputs(batch, train=False)
 
 

@@ -16,6 +16,11 @@ from vsotools.core.errors import VsoError
 
 PRETRAINED_INSTALL = "pip install 'vsotools[pretrained]'"
 """The command that installs every package the pretrained encoders need."""
+GPU_DECODE_INSTALL = (
+    "pip install 'vsotools[gpu]' (torchvision, of the build that matches your torch),"
+    " or set train.gpu_decode = false"
+)
+"""How to get what ``train.gpu_decode`` needs: torchvision's JPEG decoder."""
 
 
 class MissingExtra(VsoError):

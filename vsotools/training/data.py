@@ -151,7 +151,6 @@ def split_stream(
         batch_size=batch_size or config.batch_size,
         rank=context.rank,
         world_size=context.world_size,
-        num_workers=config.workers,
         steps=steps if train else None,
         seed=config.seed,
         shuffle_buffer=config.shuffle_buffer if train else 0,

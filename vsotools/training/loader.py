@@ -42,6 +42,7 @@ from torch.utils.data import default_collate
 from vsotools.core import images as image_rules
 from vsotools.core import schema
 from vsotools.core.errors import VsoError
+from vsotools.core.extras import GPU_DECODE_INSTALL, require
 from vsotools.shards.tar_reader import read_shard
 from vsotools.training.vocab import PAD
 
@@ -365,7 +366,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     Training (``steps`` given): an endless, shuffled stream cut at the rank's ``steps`` batches,
     shared among the workers in proportion to their samples. Evaluation (``steps`` None): every
-    kept sample once, in shard order, the last batch possibly partial.
+    kept sample once, in shard order, the last batch possibly partial. Which worker it is and
+    how many there are is asked of the DataLoader running it, when it iterates (as
+    webdataset's ``split_by_worker`` does): a count kept here could disagree with the loader
+    actually used and silently leave shards unread.
     """
 
     def __init__(
@@ -376,7 +380,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,
-        num_workers: int = 0,
         steps: int | None = None,
         seed: int = 0,
         shuffle_buffer: int = 0,
@@ -389,7 +392,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
-        self.num_workers = max(1, num_workers)
         self.steps = steps
         self.seed = seed
         self.buffer = shuffle_buffer
@@ -401,21 +403,23 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Reshuffle for ``epoch``; call before iterating the DataLoader (workers are re-forked)."""
         self.epoch = epoch
 
-    def worker_shards(self, worker: int) -> list[Shard]:
+    def worker_shards(self, worker: int, num_workers: int) -> list[Shard]:
         return split_shards(
             self.shards,
             rank=self.rank,
             world_size=self.world_size,
             worker=worker,
-            num_workers=self.num_workers,
+            num_workers=num_workers,
             epoch=self.epoch,
             seed=self.seed,
             shuffle=self.steps is not None,
         )
 
-    def worker_steps(self, worker: int) -> int:
+    def worker_steps(self, worker: int, num_workers: int) -> int:
         assert self.steps is not None
-        samples = [sum(s.samples for s in self.worker_shards(w)) for w in range(self.num_workers)]
+        samples = [
+            sum(s.samples for s in self.worker_shards(w, num_workers)) for w in range(num_workers)
+        ]
         return share(self.steps, samples)[worker]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -428,8 +432,8 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        shards = self.worker_shards(worker)
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shards = self.worker_shards(worker, num_workers)
         rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker}")
         skip_images = self.decoder.crop_size is None
         # this generates a stream of raw samples {"__key__", "jpg", "txt", "json", "cls"}
@@ -440,7 +444,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if self.keep(s[schema.SAMPLE_KEY])
             )
         else:
-            quota = self.worker_steps(worker)
+            quota = self.worker_steps(worker, num_workers)
             if quota == 0:
                 return
             samples = repeated_passes(shards, skip_images, self.keep, self.buffer, rng, self.check)
@@ -487,7 +491,6 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool):
     if stream.steps is None:
         # Evaluation: no more reader slots than shards, so no worker is started without one.
         workers = min(num_workers, max(1, len(stream.shards) // stream.world_size))
-        stream.num_workers = max(1, workers)
     return torch.utils.data.DataLoader(
         stream,
         batch_size=None,
@@ -586,17 +589,10 @@ def crop_boxes(images: list[torch.Tensor], boxes: list[list[int]], crop: int) ->
 
 def gpu_jpeg_decoder():
     """torchvision's batched JPEG decoder (RGB); a clear error where torchvision is missing."""
-    try:
-        from torchvision.io import ImageReadMode
-        from torchvision.io import decode_jpeg as torchvision_decode_jpeg
-    except ImportError:
-        raise VsoError(
-            "train.gpu_decode needs torchvision: pip install torchvision (the build matching"
-            " your torch), or set train.gpu_decode=false"
-        ) from None
+    io = require("torchvision.io", "train.gpu_decode", GPU_DECODE_INSTALL)
 
     def decode_jpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        return torchvision_decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return io.decode_jpeg(data, mode=io.ImageReadMode.RGB, device=device)
 
     return decode_jpeg
 
