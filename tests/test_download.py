@@ -13,7 +13,7 @@ from typing import ClassVar
 import pytest
 from PIL import Image
 
-from vsotools.core.images import ImageLimits
+from vsotools.core.config import FetchConfig
 from vsotools.fetch.download import Downloader, DownloadSettings, check_image, host_allowed
 
 
@@ -104,16 +104,21 @@ def host():
     server.server_close()
 
 
-def downloader(**overrides) -> Downloader:
+def settings_of(**fetch) -> DownloadSettings:
+    """The downloader's settings from a ``[fetch]`` section with these settings."""
+    return DownloadSettings.from_config(FetchConfig(**fetch))
+
+
+def downloader(**fetch) -> Downloader:
     settings = {
-        "timeout": 0.5,
-        "retries": 3,
+        "download_timeout": 0.5,
+        "download_retries": 3,
         "backoff_base": 0.001,
         "backoff_max": 0.01,
-        "allowed_hosts": ("127.0.0.1",),
-        **overrides,
+        "allowed_hosts": ["127.0.0.1"],
+        **fetch,
     }
-    return Downloader(DownloadSettings(**settings))
+    return Downloader(settings_of(**settings))
 
 
 def test_an_image_is_kept_with_the_facts_of_the_served_bytes(host):
@@ -148,7 +153,7 @@ def test_a_retry_after_that_is_no_number_is_ignored_not_raised(host):
     ],
 )
 def test_failures_are_recorded_with_their_reason(host, path, reason):
-    with downloader(retries=1) as d:
+    with downloader(download_retries=1) as d:
         assert d.get(f"{host}{path}").error == reason
 
 
@@ -158,7 +163,7 @@ def test_redirects_are_followed_within_the_allowed_hosts(host):
 
 
 def test_only_http_urls_to_allowed_hosts_are_contacted(host):
-    with downloader(allowed_hosts=("*.staticflickr.com",)) as d:
+    with downloader(allowed_hosts=["*.staticflickr.com"]) as d:
         assert d.get(f"{host}/photo.jpg").error == "host_not_allowed"
         assert d.get("file:///etc/passwd").error == "bad_url"
         assert d.get("ftp://127.0.0.1/x.jpg").error == "bad_url"
@@ -169,19 +174,19 @@ def test_only_http_urls_to_allowed_hosts_are_contacted(host):
 
 
 def test_size_bounds_are_checked_before_keeping(host):
-    with downloader(limits=ImageLimits(max_bytes=1000)) as d:
+    with downloader(max_bytes=1000) as d:
         assert d.get(f"{host}/photo.jpg").error == "too_large"
-    settings = DownloadSettings(limits=ImageLimits(min_side=700))
+    settings = settings_of(min_side=700)
     assert check_image(PHOTO, settings).error == "too_small"
-    settings = DownloadSettings(limits=ImageLimits(max_pixels=100_000))
+    settings = settings_of(max_pixels=100_000)
     assert check_image(PHOTO, settings).error == "too_many_pixels"
 
 
 def test_downscaling_stores_a_smaller_jpeg_but_records_the_served_facts():
-    outcome = check_image(PHOTO, DownloadSettings(max_side=200))
+    outcome = check_image(PHOTO, settings_of(max_side=200))
     stored = Image.open(io.BytesIO(outcome.data))
     assert stored.size == (200, 150) and stored.format == "JPEG"
     assert (outcome.width, outcome.height, outcome.image_bytes) == (800, 600, len(PHOTO))
     assert outcome.sha256 == hashlib.sha256(PHOTO).hexdigest()
     small = jpeg(100, 80)
-    assert check_image(small, DownloadSettings(max_side=200)).data == small
+    assert check_image(small, settings_of(max_side=200)).data == small

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from vsotools.core.config import FetchConfig
 from vsotools.fetch.download import DownloadSettings, check_image
 from vsotools.fetch.store import INCOMING_DIR, Store
 
@@ -17,7 +18,7 @@ from vsotools.fetch.store import INCOMING_DIR, Store
 def outcome_of(width: int):
     buffer = io.BytesIO()
     Image.new("RGB", (width, 50), (9, 99, 199)).save(buffer, format="PNG")
-    return check_image(buffer.getvalue(), DownloadSettings())
+    return check_image(buffer.getvalue(), DownloadSettings.from_config(FetchConfig()))
 
 
 def new_store(root, n: int = 5, part_size: int = 2) -> Store:

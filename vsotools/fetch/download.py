@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -73,21 +73,22 @@ _AMBIGUOUS = re.compile(r"[\\\s\x00-\x1f\x7f-\x9f]")
 
 @dataclass(frozen=True)
 class DownloadSettings:
-    """How images are fetched, checked and stored."""
+    """How images are fetched, checked and stored: the recipe's ``[fetch]`` section as the
+    downloader reads it (``from_config``), so that no default is restated here."""
 
-    timeout: float = 30.0
-    retries: int = 8
-    backoff_base: float = 0.5
-    backoff_max: float = 60.0
-    limits: ImageLimits = field(default_factory=ImageLimits)
-    max_side: int = 0
+    timeout: float
+    retries: int
+    backoff_base: float
+    backoff_max: float
+    limits: ImageLimits
+    max_side: int
     """Downscale to this longer side (re-encoded as JPEG) before storing; 0: store as served."""
-    jpeg_quality: int = 90
-    allowed_hosts: tuple[str, ...] = ("*",)
-    user_agent: str = f"vsotools/{__version__}"
-    decode_pixels: int = ImageLimits.max_pixels
+    jpeg_quality: int
+    allowed_hosts: tuple[str, ...]
+    decode_pixels: int
     """Most pixels decoded at once by all the threads that check images with these settings
     (about 4 bytes each); an image larger than this is decoded alone."""
+    user_agent: str = f"vsotools/{__version__}"
 
     @classmethod
     def from_config(cls, config: FetchConfig, extra_hosts: Iterable[str] = ()) -> DownloadSettings:
