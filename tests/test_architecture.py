@@ -36,6 +36,8 @@ FLOORS = {
         "vsotools.training.efficientnet",
         "vsotools.training.minilm",
         "vsotools.training.encoders",
+        "vsotools.training.branches",
+        "vsotools.training.state",
         "vsotools.training.features",
         "vsotools.training.loader",
         "vsotools.training.data",

@@ -24,7 +24,8 @@ from vsotools.training import checkpoint as ckpt
 from vsotools.training.evaluate import evaluate
 from vsotools.training.loader import LoaderError
 from vsotools.training.predict import predict
-from vsotools.training.train import Selection, train
+from vsotools.training.state import Selection
+from vsotools.training.train import train
 
 pytestmark = pytest.mark.slow
 

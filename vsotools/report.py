@@ -155,7 +155,8 @@ def _results_section(results: Mapping[str, dict[str, Any]]) -> list[str]:
 def _run_section(name: str, run: dict[str, Any], plot, root: Path) -> list[str]:
     title = MODEL_TITLES.get(name, name)
     parts = [f"<h2>{html.escape(title)}</h2>", f"<p class=path>{html.escape(str(run['path']))}</p>"]
-    epochs = run["epochs"]
+    # Each epoch's figures by their names in metrics.jsonl (train_loss, val_accuracy, ...).
+    epochs = [record.to_json() for record in run["epochs"]]
     if epochs:
         keys = [
             f"{split}_{what}" for what in ("loss", "accuracy") for split in ("train", "val", "test")

@@ -20,7 +20,8 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so th
 A training folder keeps two (``training.folder``): ``last.pt``, the state after the last
 finished epoch (what a resumed training reads), and ``checkpoint.pt``, the selected model (the
 last epoch's, or the best on the validation split), a hard link to the ``last.pt`` of the epoch
-that was selected. ``training_state`` assembles the dict; the readers below take it apart.
+that was selected. ``training.state.TrainState`` assembles the dict (with ``model_entries``) and
+restores itself from it; the readers below take it apart.
 """
 
 from __future__ import annotations
@@ -53,26 +54,16 @@ class CheckpointError(VsoError):
     """A checkpoint is missing, unreadable or not a vsotools checkpoint."""
 
 
-def training_state(
-    *,
-    recipe: Recipe,
-    model: SentimentNet,
-    vocab: Vocabulary | TextTokenizer | None,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    epoch: int,
-    step: int,
-    steps_per_epoch: int,
-    world_size: int,
-    history: list[dict[str, Any]],
-    selection: dict[str, Any],
-    shards: str,
+def model_entries(
+    recipe: Recipe, model: SentimentNet, reader: Vocabulary | TextTokenizer | None
 ) -> dict[str, Any]:
-    """The checkpoint of a training after ``epoch`` epochs (see the module doc for each key)."""
-    words = vocab if isinstance(vocab, Vocabulary) else None
+    """The keys of a checkpoint that describe the model alone (its type, recipe, how it reads
+    text, its weights): what ``model_of`` needs. ``training.state.TrainState.to_checkpoint``
+    adds the training's state to them."""
+    words = reader if isinstance(reader, Vocabulary) else None
     text_spec = None
-    if isinstance(vocab, TextTokenizer):
-        text_spec = encoders.text_spec(model.text, vocab)  # type: ignore[arg-type]
+    if isinstance(reader, TextTokenizer):
+        text_spec = encoders.text_spec(model.text, reader)  # type: ignore[arg-type]
     return {
         "model_type": recipe.train.model,
         "recipe": recipe_to_toml(recipe),
@@ -81,16 +72,6 @@ def training_state(
         "tweet_tokens": words.tweets if words is not None else recipe.train.tweet_tokens,
         "text_spec": text_spec,
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "steps_per_epoch": steps_per_epoch,
-        "world_size": world_size,
-        "rng": rng_state(),
-        "history": history,
-        "selection": selection,
-        "shards": shards,
     }
 
 

@@ -114,3 +114,21 @@ def broadcast_module(context: Context, module: torch.nn.Module) -> None:
     with torch.no_grad():
         for tensor in module.state_dict().values():
             dist.broadcast(tensor, src=0)
+
+
+def wrap(model: torch.nn.Module, context: Context) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` when there are several ranks (build it again
+    whenever the set of trainable parameters changes)."""
+    if not context.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [context.device.index] if context.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside ``wrap``'s DistributedDataParallel (or ``model`` itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -7,7 +7,8 @@ through it::
     RUN/word2vec.bin      the text model's word vectors (word2vec binary; reusable)
     RUN/last.pt           the state after the last finished epoch (what a resume reads)
     RUN/checkpoint.pt     the selected model (the last epoch's, or the best on validation)
-    RUN/metrics.jsonl     one line per finished epoch: training and validation figures
+    RUN/metrics.jsonl     one line per finished epoch (``EpochRecord``): training and
+                          validation figures, and whether that epoch's model is the one kept
     RUN/metrics.json      written last: the selected model scored once on the test split, and
                           the fingerprint of what the training was made from
 
@@ -20,6 +21,7 @@ a current one.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +34,7 @@ from vsotools.core.files import (
     folder_lock,
     json_sha256,
 )
+from vsotools.core.metrics import Metrics
 
 RECIPE_FILE = "recipe.toml"
 VECTORS_FILE = "word2vec.bin"
@@ -46,6 +49,75 @@ Status = Literal["empty", "unfinished", "finished", "stale"]
 
 class TrainingFolderError(VsoError):
     """A training folder holds something unreadable."""
+
+
+@dataclass
+class EpochRecord:
+    """One line of ``RUN/metrics.jsonl``: what one finished epoch did and scored.
+
+    On file the validation metrics are flat keys ``val_loss``, ``val_accuracy``, ... (every
+    field of ``Metrics``), present only when the training has a validation carve; a checkpoint's
+    ``history`` holds the same dicts.
+    """
+
+    epoch: int
+    """Epochs finished (1 for the first)."""
+    step: int
+    """Optimizer steps taken by then."""
+    lr: float
+    """The learning rate after the epoch's last step."""
+    train_loss: float
+    train_accuracy: float
+    train_samples: int
+    """Samples seen in the epoch, over all ranks."""
+    seconds: float
+    samples_per_s: float
+    val: Metrics | None = None
+    """The epoch's model on the validation carve."""
+    eval_seconds: float = 0.0
+    frozen_branches: list[str] = field(default_factory=list)
+    selected: bool = False
+    """Whether this epoch's model became the one ``checkpoint.pt`` keeps."""
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "lr": self.lr,
+            "train_loss": self.train_loss,
+            "train_accuracy": self.train_accuracy,
+            "train_samples": self.train_samples,
+            "seconds": self.seconds,
+            "samples_per_s": self.samples_per_s,
+        }
+        if self.val is not None:
+            metrics = self.val.to_json()
+            data.update({f"val_{key}": metrics[key] for key in Metrics.__dataclass_fields__})
+        data["eval_seconds"] = self.eval_seconds
+        data["frozen_branches"] = list(self.frozen_branches)
+        data["selected"] = self.selected
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> EpochRecord:
+        """Raises KeyError, TypeError or ValueError on a line that is not an epoch record."""
+        val = None
+        if "val_n" in data:
+            val = Metrics(**{key: data[f"val_{key}"] for key in Metrics.__dataclass_fields__})
+        return cls(
+            epoch=int(data["epoch"]),
+            step=int(data["step"]),
+            lr=float(data["lr"]),
+            train_loss=float(data["train_loss"]),
+            train_accuracy=float(data["train_accuracy"]),
+            train_samples=int(data["train_samples"]),
+            seconds=float(data["seconds"]),
+            samples_per_s=float(data["samples_per_s"]),
+            val=val,
+            eval_seconds=float(data.get("eval_seconds", 0.0)),
+            frozen_branches=list(data.get("frozen_branches", [])),
+            selected=bool(data.get("selected", False)),
+        )
 
 
 class TrainingFolder:
@@ -85,19 +157,20 @@ class TrainingFolder:
         """Whether a training has started here (at least one epoch saved)."""
         return self.last.exists() or self.selected.exists()
 
-    def read_epochs(self) -> list[dict[str, Any]]:
+    def read_epochs(self) -> list[EpochRecord]:
         """One record per finished epoch (empty before the first)."""
         try:
             lines = self.epochs_log.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
             return []
         try:
-            return [json.loads(line) for line in lines if line.strip()]
-        except ValueError as exc:
-            raise TrainingFolderError(f"{self.epochs_log}: unreadable ({exc})") from None
+            return [EpochRecord.from_json(json.loads(line)) for line in lines if line.strip()]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TrainingFolderError(f"{self.epochs_log}: unreadable ({exc!r})") from None
 
-    def write_epochs(self, history: list[dict[str, Any]]) -> None:
-        atomic_write_text(self.epochs_log, "".join(json.dumps(r) + "\n" for r in history))
+    def write_epochs(self, history: list[EpochRecord]) -> None:
+        text = "".join(json.dumps(record.to_json()) + "\n" for record in history)
+        atomic_write_text(self.epochs_log, text)
 
     def read_final(self) -> dict[str, Any] | None:
         """The selected model's test figures, once the training has finished."""
