@@ -42,7 +42,7 @@ from vsotools.core.schema import sample_key
 from vsotools.dataset.folder import DatasetFolder
 from vsotools.shards.manifest import read_manifest
 from vsotools.shards.stage import write_shards
-from vsotools.training.folder import TrainingFolder, training_fingerprint
+from vsotools.training.folder import TrainingFolder, training_inputs
 from vsotools.training.train import train
 
 RECIPE = Path(__file__).resolve().parent.parent / "pipelines" / "mvsa.toml"
@@ -125,12 +125,11 @@ def score(name: str, k: int, shards: Path, work: Path) -> dict:
     recipe = load_recipe(RECIPE, assignments)
     folder = TrainingFolder(work / f"{name}-{k}")
     # As `vsotools run` does: a finished training is reused only when it is current.
-    fingerprint = training_fingerprint(recipe, read_manifest(str(shards)).fingerprint)
-    status = folder.status(recipe, fingerprint)
-    if status == "stale":
-        sys.exit(f"{folder}: finished from other settings, shards or branches; remove it")
-    if status != "finished":
-        train(recipe, shards, folder.root, resume=status == "unfinished", progress=False)
+    status = folder.status(training_inputs(recipe, read_manifest(str(shards)).fingerprint))
+    if status.state == "stale":
+        sys.exit(f"{folder}: {status.why}; remove it")
+    if not status.current:
+        train(recipe, shards, folder.root, resume=status.state == "unfinished", progress=False)
     final = folder.read_final()
     assert final is not None
     return final

@@ -205,3 +205,94 @@ def test_the_status_of_each_output(built, copy):
     stale = status(Location(copy / "shards"), other)
     assert stale.state == STALE and "shard.quality 90 there, 50 now" in stale.why
     assert status(Location(copy / "empty"), build).state == MISSING
+
+
+# --- the training folder ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A finished text training (2 epochs) on a small shard set: (shards, RUN)."""
+    from conftest import run_vsotools
+    from shardkit import tiny_set_arguments, write_shard_set
+
+    root = tmp_path_factory.mktemp("trained")
+    shards = write_shard_set(root / "shards")
+    done = run_vsotools(
+        "train", "--shards", shards, "--out", root / "run", "--model", "text",
+        *tiny_set_arguments(epochs=2, workers=0), timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return shards, root / "run"
+
+
+def train_again(cli, shards: Path, run: Path):
+    from shardkit import tiny_set_arguments
+
+    return cli(
+        "train", "--shards", shards, "--out", run, "--model", "text", "--resume",
+        *tiny_set_arguments(epochs=2, workers=0),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("victim", "how"),
+    [
+        ("checkpoint.pt", "delete"),
+        ("last.pt", "delete"),
+        ("last.pt", "truncate"),
+        ("metrics.jsonl", "delete"),
+        ("metrics.jsonl", "truncate"),
+        ("metrics.json", "delete"),
+        ("recipe.toml", "delete"),
+        ("word2vec.bin", "delete"),
+        ("word2vec.bin", "truncate"),
+    ],
+)
+def test_a_resumed_training_writes_again_what_its_final_record_lists(
+    cli, trained, tmp_path, victim, how
+):
+    from vsotools.training.folder import TrainingFolder
+
+    shards, finished = trained
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = digests(run)
+    damage(run / victim, how)
+    if victim != "metrics.json":
+        assert victim in TrainingFolder(run).damage()
+    if (victim, how) == ("last.pt", "truncate"):
+        # A cut checkpoint cannot be resumed from; it is refused by name, nothing is lost.
+        refused = train_again(cli, shards, run)
+        assert refused.code == 1 and "last.pt: not a readable checkpoint" in refused.err
+        return
+    again = train_again(cli, shards, run)
+    assert again.code == 0, again.err
+    assert digests(run) == before
+
+
+def test_a_replacement_interrupted_between_its_renames_is_settled(tmp_path):
+    from vsotools.training.folder import TrainingFolder
+
+    def folder_with(name: str, text: str) -> TrainingFolder:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(text)
+        return TrainingFolder(tmp_path / name)
+
+    run = TrainingFolder(tmp_path / "train-text")
+    # Killed after the old one was moved aside, before the new one was moved in.
+    folder_with("train-text.replaced", "old")
+    folder_with("train-text.next", "new")
+    run.settle()
+    assert (run.root / "metrics.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-text"]
+    # Killed with the old one aside and no new one: the old one comes back.
+    (run.root).rename(tmp_path / "train-text.replaced")
+    run.settle()
+    assert (run.root / "metrics.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-text"]
+    # The whole swap.
+    folder_with("train-text.next", "newer")
+    run.replace_with(run.replacement())
+    assert (run.root / "metrics.json").read_text() == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-text"]

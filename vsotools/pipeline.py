@@ -7,20 +7,27 @@ The stages talk only through the files they leave in the work folder::
     WORK/train-MODEL/     one training folder per model (vsotools.training.folder)
     WORK/features/        features of frozen pretrained encoders, shared by the models
     WORK/report.html      the results table, training curves and dataset plots
+    WORK/run.json         written last: the results, what each output was made from (their
+                          fingerprints) and the report files with their sizes
 
-Whether a stage's output is complete and current is decided one way, by the contract of that
-output: a fingerprint of the inputs and settings it was made from, kept beside it. So a stage
+``run`` brings every output up to date, as ``make`` does: before it starts, it asks each
+output's contract for its status (``core.status``: missing, unfinished, stale and why, or
+current) and prints which stages it will run and why (``plan``); then it runs them. A stage
 runs again exactly when something it reads changed (a pairs file edited in place, images that
-``fetch --retry-failed`` brought, another filter setting), and a rerun after a crash continues
-where it stopped. The shard set in the work folder is the pipeline's own and is rewritten when
-its input changed; a finished training whose inputs changed is refused, not deleted.
-``[run]`` in the recipe names the models to train on the same shards, their own training
-overrides, and whether the fusion model starts from the trained branches.
+``fetch --retry-failed`` brought, another setting) or a file its output lists is gone; a rerun
+after a crash continues where it stopped; a run whose outputs are all current does nothing.
+The shard set in the work folder is the pipeline's own and is rewritten when its input
+changed. A training whose inputs changed is trained again beside the old one
+(``WORK/train-MODEL.next``), which it replaces only once finished, so a killed rerun loses
+nothing. ``[run]`` in the recipe names the models to train on the same shards, their own
+training overrides, and whether the fusion model starts from the trained branches.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,13 +36,27 @@ from typing import Any
 
 from vsotools.core.config import Recipe, parse_assignments
 from vsotools.core.errors import ConfigError, VsoError
-from vsotools.training.folder import TrainingFolder
+from vsotools.core.files import atomic_write_json
+from vsotools.core.metrics import Metrics
+from vsotools.core.status import (
+    CURRENT,
+    FILES,
+    MISSING,
+    STALE,
+    UNFINISHED,
+    Status,
+    damaged_files,
+    listed_files,
+)
+from vsotools.training.folder import TrainingFolder, TrainingFolderError
 
 log = logging.getLogger(__name__)
 
 FUSION, TEXT, IMAGE = "fusion", "text", "image"
 TABLE_ORDER = (TEXT, IMAGE, FUSION)
 """Rows of the results table, in the order of the paper's Table 1."""
+RECORD_FILE = "run.json"
+REPORT_FILE = "report.html"
 
 
 class PipelineError(VsoError):
@@ -49,28 +70,180 @@ class StageOutcome:
     detail: str
 
 
+@dataclass(frozen=True)
+class PlannedStage:
+    """A stage of the run and the status of its output before the run starts; ``status`` is
+    None where it can only be known once the stages before it have run."""
+
+    stage: str
+    status: Status | None
+
+    @property
+    def runs(self) -> bool:
+        return self.status is None or not self.status.current
+
+    def describe(self) -> str:
+        if self.status is None:
+            return "after the stages before it: runs if what it reads changes"
+        if self.status.current:
+            return "skip: complete and current"
+        how = {
+            MISSING: "run: not made yet",
+            UNFINISHED: f"run: unfinished ({self.status.why})",
+            STALE: f"run again: stale, {self.status.why}",
+        }
+        return how.get(self.status.state, f"run: {self.status}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "state": None if self.status is None else self.status.state,
+            "why": None if self.status is None else self.status.why,
+            "runs": self.runs,
+        }
+
+
 @dataclass
 class PipelineReport:
     workdir: Path
+    plan: list[PlannedStage] = field(default_factory=list)
+    """Each stage's status before the run started, and whether it was to run."""
     stages: list[StageOutcome] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
     """Model name -> its test metrics (``vsotools.core.metrics.Metrics``), from ``evaluate``."""
     report: Path | None = None
     seconds: float = 0.0
+    already_complete: bool = False
+    """Every output was current: nothing was run (the results are those of the last run)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "workdir": str(self.workdir),
+            "plan": [step.to_json() for step in self.plan],
             "stages": [vars(s) for s in self.stages],
             "results": {model: m.to_json() for model, m in self.results.items()},
             "report": str(self.report) if self.report else None,
             "seconds": self.seconds,
+            "already_complete": self.already_complete,
         }
 
 
 def default_workdir(recipe: Recipe) -> Path:
     """``runs/NAME``: where ``vsotools run`` works unless told otherwise."""
     return Path("runs") / recipe.name
+
+
+class WorkFolder:
+    """The files of one run's work folder, and whether the run's own record is current."""
+
+    def __init__(self, root: str | Path, recipe: Recipe) -> None:
+        self.root = Path(root)
+        self.data = self.root / "data"
+        self.shards = self.root / "shards"
+        self.record = self.root / RECORD_FILE
+        self.report = self.root / REPORT_FILE
+        self.trainings = {model: self.root / f"train-{model}" for model in _training_order(recipe)}
+
+    def report_files(self) -> list[str]:
+        """The report pages a finished run leaves, relative to the work folder."""
+        return [REPORT_FILE, *(f"{run.name}/{REPORT_FILE}" for run in self.trainings.values())]
+
+    def read_record(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def status(self, plan: list[PlannedStage]) -> Status:
+        """Current when every output is current, made from what ``run.json`` says the last run
+        made them from, and the report pages it lists are there as recorded."""
+        record = self.read_record()
+        if record is None:
+            return Status(MISSING, f"no finished run in {self.root}")
+        pending = [step.stage for step in plan if step.runs]
+        if pending:
+            return Status(STALE, f"{', '.join(pending)} to run", record)
+        if record.get("made_from") != _made_from(plan):
+            return Status(STALE, "its outputs changed since the last run", record)
+        problems = damaged_files(self.root, record.get(FILES))
+        if problems:
+            return Status(UNFINISHED, "; ".join(problems), record)
+        return Status(CURRENT, "every output is complete and current", record)
+
+    def finish(self, plan: list[PlannedStage], results: dict[str, Metrics]) -> None:
+        """Record the finished run, last: its results, what its outputs were made from, and
+        the report pages."""
+        atomic_write_json(
+            self.record,
+            {
+                "results": {model: m.to_json() for model, m in results.items()},
+                "made_from": _made_from(plan),
+                FILES: listed_files(self.root, self.report_files()),
+            },
+        )
+
+
+def _made_from(plan: list[PlannedStage]) -> dict[str, str | None]:
+    """Each stage's output by the fingerprint its last record holds."""
+    return {
+        step.stage: _fingerprint(step.status)
+        for step in plan
+        if step.stage.split()[0] in OUTPUT_STAGES
+    }
+
+
+OUTPUT_STAGES = ("fetch", "filter", "shard", "train")
+
+
+def _fingerprint(status: Status | None) -> str | None:
+    """The fingerprint an output's last record holds (a report, a final record, a shard set's
+    manifest or its job)."""
+    if status is None or status.record is None:
+        return None
+    record = status.record
+    return record.get("fingerprint") if isinstance(record, dict) else record.fingerprint
+
+
+def plan(recipe: Recipe, work: WorkFolder) -> list[PlannedStage]:
+    """Each stage of ``recipe``'s run in ``work`` with the status of its output now: a stage
+    whose input comes from a stage that is to run is known only once that one has run."""
+    from vsotools.dataset.folder import DatasetFolder
+    from vsotools.fetch.stage import fetch_inputs
+    from vsotools.shards.location import Location
+    from vsotools.shards.manifest import status as set_status
+    from vsotools.shards.stage import set_build
+    from vsotools.training.folder import training_inputs
+
+    data = DatasetFolder(work.data)
+    steps = [PlannedStage("fetch", data.status("fetch", fetch_inputs(recipe, work.data)))]
+
+    def known() -> bool:
+        return not steps[-1].runs
+
+    steps.append(
+        PlannedStage(
+            "filter", data.status("filter", data.filter_inputs(recipe)) if known() else None
+        )
+    )
+    shard_status = None
+    if known():
+        shard_status = set_status(Location(work.shards), set_build(recipe, work.data))
+    steps.append(PlannedStage("shard", shard_status))
+    shards_fingerprint = None
+    if shard_status is not None and shard_status.current:
+        shards_fingerprint = shard_status.record.fingerprint
+    trained: dict[str, bool] = {}
+    for model, run in work.trainings.items():
+        status = None
+        depends = [TEXT, IMAGE] if model == FUSION and recipe.run.fusion_from_branches else []
+        if shards_fingerprint is not None and not any(trained.get(m, True) for m in depends):
+            TrainingFolder(run).settle()
+            model_recipe = _model_recipe(recipe, model, work.trainings)
+            status = TrainingFolder(run).status(training_inputs(model_recipe, shards_fingerprint))
+        steps.append(PlannedStage(f"train {model}", status))
+        trained[model] = steps[-1].runs
+    return steps
 
 
 def run_recipe(
@@ -80,15 +253,16 @@ def run_recipe(
     credentials: Any = None,
     progress: bool = False,
     on_stage: Callable[[StageOutcome], None] | None = None,
+    on_plan: Callable[[list[PlannedStage]], None] | None = None,
 ) -> PipelineReport:
-    """Run every stage of ``recipe`` in ``workdir``; see the module doc.
+    """Bring every output of ``recipe`` in ``workdir`` up to date; see the module doc.
 
     ``credentials`` (``vsotools.fetch.client.Credentials``) are needed when the recipe crawls
-    Flickr, not when it reads a pairs file (``fetch.pairs``). ``on_stage`` is called as each
-    stage ends, for a caller that shows progress.
+    Flickr, not when it reads a pairs file (``fetch.pairs``). ``on_plan`` is called with the
+    plan before any stage starts, ``on_stage`` as each stage ends, for a caller that shows
+    progress.
     """
     from vsotools.dataset.filter import filter_dataset
-    from vsotools.dataset.folder import DatasetFolder
     from vsotools.fetch.stage import fetch
     from vsotools.report import dataset_facts, write_report
     from vsotools.shards.manifest import read_manifest
@@ -96,9 +270,12 @@ def run_recipe(
     from vsotools.training.evaluate import evaluate
 
     started = time.monotonic()
-    workdir = Path(workdir)
-    data, shards = workdir / "data", workdir / "shards"
-    outcome = PipelineReport(workdir=workdir)
+    work = WorkFolder(workdir, recipe)
+    outcome = PipelineReport(workdir=work.root, plan=plan(recipe, work))
+    for step in outcome.plan:
+        log.info("plan: %s: %s", step.stage, step.describe())
+    if on_plan is not None:
+        on_plan(outcome.plan)
 
     def done(stage: str, ran: bool, detail: str) -> None:
         outcome.stages.append(StageOutcome(stage, ran, detail))
@@ -106,81 +283,123 @@ def run_recipe(
         if on_stage is not None:
             on_stage(outcome.stages[-1])
 
-    runs = {model: workdir / f"train-{model}" for model in _training_order(recipe)}
+    finished = work.status(outcome.plan)
+    if finished.current:
+        for step in outcome.plan:
+            done(step.stage, False, "complete and current")
+        outcome.results = {
+            model: _metrics(saved) for model, saved in finished.record["results"].items()
+        }
+        outcome.report, outcome.already_complete = work.report, True
+        done("report", False, f"{work.report} is current (results of the last run)")
+        outcome.seconds = round(time.monotonic() - started, 1)
+        return outcome
 
-    fetched = fetch(recipe, data, credentials=credentials, progress=progress)
+    fetched = fetch(recipe, work.data, credentials=credentials, progress=progress)
     if fetched.already_complete:
-        done("fetch", False, f"{data} is complete and current")
+        done("fetch", False, f"{work.data} is complete and current")
     else:
         done("fetch", True, f"{fetched.downloaded:,} images, {fetched.failed:,} failed")
 
-    filtered = filter_dataset(data, recipe, progress=progress)
+    filtered = filter_dataset(work.data, recipe, progress=progress)
     if filtered.already_complete:
-        done("filter", False, f"{DatasetFolder(data).filtered} is up to date")
+        done("filter", False, f"{work.data / 'filtered.parquet'} is complete and current")
     else:
         done("filter", True, f"{filtered.kept:,} of {filtered.input:,} photos kept")
 
     # The work folder's shard set is the pipeline's own, derived from the data beside it: one
     # written from other data or settings is replaced.
-    shard_report = write_shards(recipe, data, shards, replace_other=True, progress=progress)
+    shard_report = write_shards(
+        recipe, work.data, work.shards, replace_other=True, progress=progress
+    )
     samples = sum(s.samples for s in shard_report.splits.values())
     if shard_report.already_complete:
-        done("shard", False, f"{shards} is complete and current")
+        done("shard", False, f"{work.shards} is complete and current")
     else:
-        done("shard", True, f"{shard_report.written} shards, {samples:,} samples")
-    manifest = read_manifest(str(shards))
+        done(
+            "shard", True, f"{shard_report.written} shards written, {samples:,} samples in the set"
+        )
+    manifest = read_manifest(str(work.shards))
 
-    for model in runs:
-        ran, detail = _train_model(recipe, model, runs, shards, manifest.fingerprint, progress)
+    for model in work.trainings:
+        ran, detail = _train_model(recipe, model, work, manifest.fingerprint, progress)
         done(f"train {model}", ran, detail)
 
-    for model, run_dir in runs.items():
+    for model, run_dir in work.trainings.items():
         checkpoint = TrainingFolder(run_dir).selected
-        evaluation = evaluate(checkpoint, shards, split="test", progress=progress)
+        evaluation = evaluate(checkpoint, work.shards, split="test", progress=progress)
         outcome.results[model] = evaluation.metrics
-    done("evaluate", True, f"{len(runs)} model(s) on the test split")
+    done("evaluate", True, f"{len(work.trainings)} model(s) on the test split")
 
-    facts = dataset_facts(data, {split: manifest.labels(split) for split in manifest.splits})
+    facts = dataset_facts(work.data, {split: manifest.labels(split) for split in manifest.splits})
     title = f"vsotools run: {recipe.name}"
-    outcome.report = write_report(workdir / "report.html", runs, facts=facts, title=title)
-    for model, run_dir in runs.items():
+    outcome.report = write_report(work.report, work.trainings, facts=facts, title=title)
+    for model, run_dir in work.trainings.items():
         write_report(
-            run_dir / "report.html", {model: run_dir}, facts=facts, title=f"{title}, {model}"
+            run_dir / REPORT_FILE, {model: run_dir}, facts=facts, title=f"{title}, {model}"
         )
+    work.finish(plan(recipe, work), outcome.results)
     done("report", True, str(outcome.report))
     outcome.seconds = round(time.monotonic() - started, 1)
     return outcome
 
 
+def _metrics(saved: dict[str, Any]) -> Metrics:
+    return Metrics(**{key: saved[key] for key in Metrics.__dataclass_fields__})
+
+
 def _train_model(
-    recipe: Recipe,
-    model: str,
-    runs: dict[str, Path],
-    shards: Path,
-    shards_fingerprint: str,
-    progress: bool,
+    recipe: Recipe, model: str, work: WorkFolder, shards_fingerprint: str, progress: bool
 ) -> tuple[bool, str]:
-    """Train ``model`` unless its training folder already holds it, finished and current;
-    returns whether it trained, and what happened."""
-    from vsotools.training.folder import training_fingerprint
+    """Bring ``model``'s training folder up to date: nothing when it holds this training,
+    finished and current; finish or repair it when it is unfinished; train it again beside
+    the old one when it is stale (or cannot be finished), replacing the old one once the new
+    one has finished. Returns whether it trained, and what happened."""
+    from vsotools.training.folder import training_inputs
     from vsotools.training.train import train
 
-    model_recipe = _model_recipe(recipe, model, runs)
-    folder = TrainingFolder(runs[model])
-    fingerprint = training_fingerprint(model_recipe, shards_fingerprint)
-    status = folder.status(model_recipe, fingerprint)
-    if status == "finished":
+    model_recipe = _model_recipe(recipe, model, work.trainings)
+    folder = TrainingFolder(work.trainings[model])
+    folder.settle()
+    inputs = training_inputs(model_recipe, shards_fingerprint)
+    status = folder.status(inputs)
+    if status.current:
         return False, f"{folder} is finished and current"
-    if status == "stale":
-        raise PipelineError(
-            f"{folder} holds a finished {model} training made from other settings, shards or"
-            " branches than this run's; remove that folder to train it again, or choose another"
-            " work folder"
-        )
-    result = train(
-        model_recipe, shards, folder.root, resume=status == "unfinished", progress=progress
+    if status.state in (MISSING, UNFINISHED):
+        try:
+            result = train(
+                model_recipe, work.shards, folder.root, resume=status.state == UNFINISHED,
+                progress=progress,
+            )  # fmt: skip
+            how = "finished" if status.state == UNFINISHED else "trained"
+            return True, f"{how}: {result.epochs} epochs, selected epoch {result.selected_epoch}"
+        except (ConfigError, TrainingFolderError) as exc:
+            # An unfinished training of other settings or shards, or one whose selected model
+            # is gone: made again, as a stale one is.
+            why = str(exc)
+    else:
+        why = status.why
+    log.warning("%s: %s; training it again beside it, replaced once finished", folder, why)
+    replacement = folder.replacement()
+    found = replacement.status(inputs).state
+    if found != CURRENT:  # else an interrupted run finished it and stopped before the swap
+        if found == STALE:
+            shutil.rmtree(replacement.root)
+        try:
+            train(
+                model_recipe, work.shards, replacement.root, resume=found == UNFINISHED,
+                progress=progress,
+            )  # fmt: skip
+        except (ConfigError, TrainingFolderError):  # begun from other inputs: start afresh
+            shutil.rmtree(replacement.root)
+            train(model_recipe, work.shards, replacement.root, progress=progress)
+    folder.replace_with(replacement)
+    final = folder.read_final() or {}
+    return True, (
+        f"trained again ({why}): {final.get('epochs')} epochs, selected epoch"
+        f" {final.get('selected_epoch')}; the old training was replaced once the new one had"
+        " finished"
     )
-    return True, f"{result.epochs} epochs, selected epoch {result.selected_epoch}"
 
 
 def results_table(results: dict[str, Any]) -> str:

@@ -869,7 +869,12 @@ def _run(args: argparse.Namespace) -> int:
     credentials = None if recipe.fetch.pairs else load_credentials(args.credentials)
     workdir = args.workdir or default_workdir(recipe)
     report = run_recipe(
-        recipe, workdir, credentials=credentials, progress=_progress(args), on_stage=_on_stage(args)
+        recipe,
+        workdir,
+        credentials=credentials,
+        progress=_progress(args),
+        on_stage=_on_stage(args),
+        on_plan=_on_plan(args),
     )
     emit(args, report.to_json(), lambda: _print_results(report))
     return 0
@@ -887,9 +892,23 @@ def _demo(args: argparse.Namespace) -> int:
         photos=args.photos,
         progress=_progress(args),
         on_stage=_on_stage(args),
+        on_plan=_on_plan(args),
     )
     emit(args, report.to_json(), lambda: _print_results(report))
     return 0
+
+
+def _on_plan(args: argparse.Namespace):
+    if args.json:
+        return None
+
+    def show(steps) -> None:
+        width = max(len(step.stage) for step in steps)
+        print("plan:", flush=True)
+        for step in steps:
+            print(f"  {step.stage:<{width}}  {step.describe()}", flush=True)
+
+    return show
 
 
 def _on_stage(args: argparse.Namespace):
@@ -906,6 +925,8 @@ def _on_stage(args: argparse.Namespace):
 def _print_results(report) -> None:
     from vsotools.pipeline import results_table
 
+    if getattr(report, "already_complete", False):
+        print(f"nothing to do: every output is complete and current in {report.workdir}")
     print()
     print(results_table(report.results))
     print()

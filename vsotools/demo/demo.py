@@ -44,6 +44,7 @@ def run_demo(
     port: int = DEMO_PORT,
     progress: bool = False,
     on_stage=None,
+    on_plan=None,
 ) -> PipelineReport:
     """Make (once) and serve the demo corpus, then run the demo recipe on it in ``workdir``."""
     from vsotools.demo.corpus import make_corpus
@@ -67,6 +68,7 @@ def run_demo(
             credentials=Credentials(key=DEMO_KEY, secret="demo"),
             progress=progress,
             on_stage=on_stage,
+            on_plan=on_plan,
         )
 
 

@@ -113,6 +113,13 @@ def fetch(
     return report
 
 
+def fetch_inputs(recipe: Recipe, out: str | Path) -> dict[str, Any]:
+    """What the fetch of ``recipe`` into ``out`` is made from (``DatasetFolder.fetch_inputs``),
+    for a caller that asks whether that output is current before running the stage."""
+    pairs = recipe.fetch.pairs
+    return DatasetFolder(out).fetch_inputs(recipe, _pairs_sha256(Path(pairs)) if pairs else None)
+
+
 def _fetch(
     recipe: Recipe,
     folder: DatasetFolder,

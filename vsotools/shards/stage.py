@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from vsotools.core.config import Recipe, ShardConfig, output_settings, recipe_to_toml
 from vsotools.core.errors import ExistingOutput
@@ -196,6 +197,21 @@ def _lock(location: Location):
     if location.local is None:
         return contextlib.nullcontext()
     return folder_lock(location.local, "this shard set")
+
+
+def set_build(recipe: Recipe, data_dir: str | Path) -> dict[str, Any]:
+    """What the shard set of ``recipe`` over the dataset ``data_dir`` is written from (its
+    ``build``), for a caller that asks whether a set is current before running the stage."""
+    folder = DatasetFolder(data_dir)
+    try:
+        records = pq.ParquetFile(folder.filtered).metadata.num_rows
+    except FileNotFoundError:
+        raise ShardError(
+            f"{folder.filtered} not found: filter the dataset {folder} first"
+        ) from None
+    except (pa.ArrowException, OSError) as exc:
+        raise ShardError(f"{folder.filtered}: not a readable Parquet file ({exc})") from None
+    return _build(recipe, folder, records)
 
 
 def _build(recipe: Recipe, folder: DatasetFolder, records: int) -> dict[str, Any]:

@@ -113,6 +113,11 @@ def publish(source: str | Path, target: str | Path) -> None:
     """Make ``target`` the same file as ``source`` (a hard link; a copy where links fail),
     atomically: ``target`` is never missing or partial."""
     source, target = Path(source), Path(target)
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.samefile(source, target):
+            # Already so; and rename() of one link of a file over another link of the same file
+            # does nothing, which would leave the temporary link behind.
+            return
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
         temporary.unlink()
@@ -131,7 +136,7 @@ def load_weights_file(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(exc)})") from None
 
 

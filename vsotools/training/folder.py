@@ -9,24 +9,31 @@ through it::
     RUN/checkpoint.pt     the selected model (the last epoch's, or the best on validation)
     RUN/metrics.jsonl     one line per finished epoch (``EpochRecord``): training and
                           validation figures, and whether that epoch's model is the one kept
-    RUN/metrics.json      written last: the selected model scored once on the test split, and
-                          the fingerprint of what the training was made from
+    RUN/metrics.json      written last: the selected model scored once on the test split, what
+                          the training was made from (``inputs``) and their fingerprint, and
+                          the files above with their sizes (``files``)
 
-The fingerprint covers the training settings that shape the model (``config.output_settings``),
-the shard set it read (its manifest's build fingerprint) and the bytes of any checkpoint a
-branch started from, so that a finished training whose inputs changed since is told apart from
-a current one.
+The inputs are the training settings that shape the model (``config.output_settings``), the
+shard set it read (its manifest's build fingerprint) and the bytes of any checkpoint a branch
+started from, so that a finished training whose inputs changed since is told apart from a
+current one; ``status`` answers with the protocol of ``core.status``.
+
+A training that ``vsotools run`` must make again from new inputs trains beside the old one, in
+``RUN.next``, and replaces it only once finished (``replace_with``): a rerun killed midway
+loses nothing.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from vsotools.core.config import Recipe, load_recipe, output_settings
-from vsotools.core.errors import ConfigError, VsoError
+from vsotools.core.config import Recipe, output_settings
+from vsotools.core.errors import VsoError
 from vsotools.core.files import (
     atomic_write_json,
     atomic_write_text,
@@ -35,6 +42,18 @@ from vsotools.core.files import (
     json_sha256,
 )
 from vsotools.core.metrics import Metrics
+from vsotools.core.status import (
+    CURRENT,
+    FILES,
+    MISSING,
+    STALE,
+    UNFINISHED,
+    Status,
+    changes,
+    damaged_files,
+    damaged_names,
+    listed_files,
+)
 
 RECIPE_FILE = "recipe.toml"
 VECTORS_FILE = "word2vec.bin"
@@ -43,8 +62,10 @@ SELECTED_FILE = "checkpoint.pt"
 EPOCHS_FILE = "metrics.jsonl"
 FINAL_FILE = "metrics.json"
 FINGERPRINT = "fingerprint"
-
-Status = Literal["empty", "unfinished", "finished", "stale"]
+INPUTS = "inputs"
+NEXT_SUFFIX = ".next"
+"""``RUN.next``: where a training that replaces ``RUN`` is made."""
+REPLACED_SUFFIX = ".replaced"
 
 
 class TrainingFolderError(VsoError):
@@ -182,33 +203,82 @@ class TrainingFolder:
             raise TrainingFolderError(f"{self.final}: unreadable ({exc})") from None
         return data if isinstance(data, dict) else None
 
-    def finish(self, final: dict[str, Any], fingerprint: str) -> None:
-        """Record that the training finished, last: ``final`` with its ``fingerprint``."""
-        atomic_write_json(self.final, {**final, FINGERPRINT: fingerprint})
+    def finish(self, final: dict[str, Any], inputs: dict[str, Any], vectors: bool) -> None:
+        """Record that the training finished, last: ``final`` with the ``inputs`` it was made
+        from, their fingerprint, and the files it vouches for (``word2vec.bin`` when
+        ``vectors``: when the model's word vectors are those it started with)."""
+        names = [RECIPE_FILE, LAST_FILE, SELECTED_FILE, EPOCHS_FILE]
+        if vectors and self.vectors.exists():
+            names.append(VECTORS_FILE)
+        files = listed_files(self.root, names)
+        atomic_write_json(
+            self.final, {**final, FINGERPRINT: json_sha256(inputs), INPUTS: inputs, FILES: files}
+        )
 
-    def status(self, recipe: Recipe, fingerprint: str) -> Status:
-        """``empty``, ``unfinished`` (resumable), ``finished`` from these inputs, or ``stale``:
-        finished from other settings, another shard set or other starting branches."""
-        final = self.read_final()
-        if final is None:
-            return "unfinished" if self.holds_training() else "empty"
-        saved = final.get(FINGERPRINT)
-        if saved is not None:
-            return "finished" if saved == fingerprint else "stale"
-        # Trainings finished before fingerprints were recorded: compare their saved settings.
+    def status(self, inputs: dict[str, Any]) -> Status:
+        """Whether this folder holds the training of ``inputs`` (``training_inputs``): missing,
+        unfinished (started and not finished, or a file its final record lists is gone or of
+        another size: ``damaged`` names them), stale (finished from other settings, shards or
+        starting branches: ``why`` says which) or current."""
         try:
-            previous = load_recipe(self.recipe)
-        except ConfigError:
-            return "stale"
-        same = output_settings(previous.train) == output_settings(recipe.train)
-        return "finished" if same else "stale"
+            final = self.read_final()
+        except TrainingFolderError as exc:
+            return Status(UNFINISHED, f"its final record is damaged ({exc})")
+        if final is None:
+            if self.holds_training():
+                return Status(UNFINISHED, "a training was started here and has not finished")
+            return Status(MISSING, f"no training in {self}")
+        if final.get(FINGERPRINT) != json_sha256(inputs):
+            what = changes(final.get(INPUTS), inputs)
+            return Status(STALE, f"made from other inputs ({'; '.join(what[:4])})", final)
+        problems = damaged_files(self.root, final.get(FILES))
+        if problems:
+            return Status(UNFINISHED, "; ".join(problems), final, damaged_names(problems))
+        return Status(CURRENT, "finished and current", final)
+
+    def damage(self) -> tuple[str, ...]:
+        """The files the final record lists that are gone or not as recorded (none before the
+        training has finished)."""
+        try:
+            final = self.read_final()
+        except TrainingFolderError:
+            return ()
+        return () if final is None else damaged_names(damaged_files(self.root, final.get(FILES)))
+
+    # --- a training made again beside the one it replaces -------------------------------------
+
+    def replacement(self) -> TrainingFolder:
+        """``RUN.next``: where the training that is to replace this one is made."""
+        return TrainingFolder(self.root.with_name(self.root.name + NEXT_SUFFIX))
+
+    def replace_with(self, new: TrainingFolder) -> None:
+        """Put the finished training ``new`` in this folder's place and delete the one it
+        replaces; a kill at any point leaves one of the two whole (``settle`` finishes it)."""
+        old = self.root.with_name(self.root.name + REPLACED_SUFFIX)
+        if old.exists():
+            shutil.rmtree(old)
+        if self.root.exists():
+            os.replace(self.root, old)
+        os.replace(new.root, self.root)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def settle(self) -> None:
+        """Finish a ``replace_with`` that a kill interrupted: the new training goes in place
+        when it is there, else the one it was to replace comes back."""
+        old = self.root.with_name(self.root.name + REPLACED_SUFFIX)
+        if not old.exists():
+            return
+        if not self.root.exists():
+            new = self.replacement()
+            os.replace(new.root if new.root.exists() else old, self.root)
+        shutil.rmtree(old, ignore_errors=True)
 
     def lock(self):
         """Hold the folder for one training process (see ``files.folder_lock``)."""
         return folder_lock(self.root, "this training folder")
 
 
-def training_fingerprint(recipe: Recipe, shards_fingerprint: str) -> str:
+def training_inputs(recipe: Recipe, shards_fingerprint: str) -> dict[str, Any]:
     """What a training is made from: its shaping settings, the shard set it reads, and the
     bytes of the checkpoints its branches start from."""
     config = recipe.train
@@ -216,6 +286,4 @@ def training_fingerprint(recipe: Recipe, shards_fingerprint: str) -> str:
         name: file_sha256(path) if path and Path(path).is_file() else path
         for name, path in (("init_text", config.init_text), ("init_image", config.init_image))
     }
-    return json_sha256(
-        {"train": output_settings(config), "shards": shards_fingerprint, "starts": starts}
-    )
+    return {"train": output_settings(config), "shards": shards_fingerprint, "starts": starts}

@@ -32,6 +32,7 @@ from vsotools.core.errors import ConfigError, ExistingOutput, VsoError
 from vsotools.core.metrics import Metrics
 from vsotools.training import branches, distributed, encoders
 from vsotools.training import checkpoint as ckpt
+from vsotools.training import vocab as vocab_rules
 from vsotools.training.data import ModelInput, ShardSet, split_stream
 from vsotools.training.features import (
     FeatureStore,
@@ -42,9 +43,11 @@ from vsotools.training.features import (
 )
 from vsotools.training.folder import (
     SELECTED_FILE,
+    VECTORS_FILE,
     EpochRecord,
     TrainingFolder,
-    training_fingerprint,
+    TrainingFolderError,
+    training_inputs,
 )
 from vsotools.training.inference import Outputs, autocast, autocast_dtype, evaluate_batches
 from vsotools.training.loader import (
@@ -57,6 +60,7 @@ from vsotools.training.loader import (
     steps_per_epoch,
 )
 from vsotools.training.state import TrainState
+from vsotools.training.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +231,8 @@ def set_up(
 
     # --- the branches (the paper's networks or pretrained encoders) and the model ---
     start = branches.start(config, resumed, shard_set, folder, context, check)
+    if resumed is not None and context.is_main:
+        _restore_vectors(folder, config, start.reader, resumed)
     model = branches.build(config, start)
     if resumed is None:
         branches.initialise(model, config)
@@ -291,10 +297,18 @@ def _checkpoint_to_resume(
         if folder.holds_training():
             raise ExistingOutput(f"{folder} already holds a training", "resume", "elsewhere")
         return None
+    _restore_last(folder)
     if not folder.last.exists():
         log.info("%s has no checkpoint yet: starting from the beginning", folder)
         return None
     checkpoint = ckpt.load_checkpoint(folder.last)
+    selection = checkpoint.get("selection") or {}
+    kept = int(selection.get("epoch", 0))
+    if kept and kept != int(checkpoint["epoch"]) and not folder.selected.exists():
+        raise TrainingFolderError(
+            f"{folder.selected} is missing: it held epoch {kept}'s model, the one selected, and"
+            " only training again brings it back; train into another folder"
+        )
     saved = ckpt.recipe_of(checkpoint).train
     ours, theirs = output_settings(recipe.train), output_settings(saved)
     for name, value in ours.items():
@@ -311,6 +325,38 @@ def _checkpoint_to_resume(
             " resume with the shards it started on"
         )
     return checkpoint
+
+
+def _restore_last(folder: TrainingFolder) -> None:
+    """A finished training's ``last.pt`` that is gone is the same file as its ``checkpoint.pt``
+    when the last epoch's model is the one kept: link it back."""
+    if folder.last.exists() or not folder.selected.exists():
+        return
+    try:
+        final = folder.read_final()
+    except TrainingFolderError:
+        return
+    if final is None:
+        return
+    if final.get("selected_epoch") == final.get("epochs"):
+        ckpt.publish(folder.selected, folder.last)
+        log.warning(
+            "%s was missing: restored from %s (the same epoch)", folder.last, folder.selected
+        )
+
+
+def _restore_vectors(
+    folder: TrainingFolder, config: TrainConfig, reader: Any, resumed: dict[str, Any]
+) -> None:
+    """``word2vec.bin``, which the final record lists only while the word vectors stay as they
+    started (``train.tune_vectors`` off), comes back from the checkpoint when it is gone or
+    cut: the checkpoint holds those very vectors."""
+    if VECTORS_FILE not in folder.damage() or config.tune_vectors:
+        return
+    if isinstance(reader, Vocabulary):
+        matrix = resumed["model"]["text.embedding.weight"]
+        vocab_rules.save_word_vectors(reader, matrix, folder.vectors)
+        log.warning("%s was missing or damaged: written again from the checkpoint", folder.vectors)
 
 
 def _class_weights(
@@ -539,9 +585,16 @@ def finish(session: Session, state: TrainState, started: float) -> TrainReport:
             "test, epoch %d's model: accuracy %.4f macro-F1 %.4f (scored once)",
             chosen.epoch, test.accuracy, test.macro_f1,
         )  # fmt: skip
-        session.folder.finish(
+        folder = session.folder
+        # What a resumed training found gone comes back here, the same bytes: the last epoch's
+        # model, when it is the one kept, and the epochs' records (as they were written).
+        if chosen.epoch == state.epoch:
+            ckpt.publish(folder.last, folder.selected)
+        folder.write_epochs(state.history)
+        folder.finish(
             _final_record(session, state, test),
-            training_fingerprint(session.recipe, session.shard_set.fingerprint),
+            training_inputs(session.recipe, session.shard_set.fingerprint),
+            vectors=not config.tune_vectors,
         )
     return TrainReport(
         out=session.folder.root,
