@@ -496,10 +496,15 @@ def _connect(ray: Any, address: str) -> None:
         except BaseException as exc:
             outcome.append(exc)
 
-    # A port that accepts connections but is no Ray head would hold ray.init for minutes.
-    thread = threading.Thread(target=init, daemon=True)
-    thread.start()
-    thread.join(CONNECT_TIMEOUT)
+    if address in ("", "auto"):
+        # Here ray.init may start a cluster on this machine, whose processes end with the thread
+        # that started them: this one, not a helper thread. Ray answers fast for these.
+        init()
+    else:
+        # A port that accepts connections but is no Ray head would hold ray.init for minutes.
+        thread = threading.Thread(target=init, daemon=True)
+        thread.start()
+        thread.join(CONNECT_TIMEOUT)
     if not outcome:
         raise EngineError(
             f"no Ray cluster answered at {address} within {CONNECT_TIMEOUT:.0f} s; is it the"
@@ -525,9 +530,12 @@ def _run_on_node(
     """A part as a Ray task: its result, and the node it ran on."""
     import ray
 
+    # Put in the object store once by the driver, not once per part; only a task's top-level
+    # arguments are fetched by Ray itself.
+    values = ray.get(list(shared))
     report = _ActorReport(reporter, task.key)
     try:
-        result = function(*shared, *task.args, report)
+        result = function(*values, *task.args, report)
     finally:
         report.flush()
     return result, ray.get_runtime_context().get_node_id()
