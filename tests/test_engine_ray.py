@@ -98,12 +98,11 @@ def cluster(s3):
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
-    nodes = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20},
-    )
+    # Every node on the loopback address: a test reaches nothing beyond this machine.
+    node = {"num_cpus": 1, "object_store_memory": 100 * 2**20, "node_ip_address": "127.0.0.1"}
+    nodes = Cluster(initialize_head=True, head_node_args=node)
     try:
-        nodes.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+        nodes.add_node(**node)
         nodes.wait_for_nodes()
         ray.init(address=nodes.address, logging_level=logging.WARNING, log_to_driver=False)
         yield nodes.address
@@ -287,7 +286,8 @@ def test_storage_only_this_machine_sees_stops_the_stage_naming_node_and_path(
     message = str(caught.value)
     assert "\n" not in message
     assert re.match(
-        r"node \S+ \([0-9a-f]{8}\) cannot see memory://nowhere/shards/\.vsotools-probe-", message
+        r"node 127\.0\.0\.1 \([0-9a-f]{8}\) cannot see memory://nowhere/shards/\.vsotools-probe-",
+        message,
     )
     assert "no such file" in message
     assert not fsspec.filesystem("memory").exists("/nowhere/shards/train-000000.tar")

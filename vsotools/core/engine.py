@@ -508,7 +508,8 @@ def _connect(ray: Any, address: str) -> None:
     if not outcome:
         raise EngineError(
             f"no Ray cluster answered at {address} within {CONNECT_TIMEOUT:.0f} s; is it the"
-            " address of a Ray head node (ray start --head prints it)?"
+            " address of a Ray head node (ray start --head prints it), and does this machine"
+            " hold the cluster's token (RAY_AUTH_MODE=token, ~/.ray/auth_token)?"
         )
     if outcome[0] is not None:
         raise EngineError(
