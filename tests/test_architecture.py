@@ -27,6 +27,7 @@ FLOORS = {
         "vsotools.fetch.download",
         "vsotools.fetch.store",
         "vsotools.fetch.pairs",
+        "vsotools.fetch.parts",
         "vsotools.shards.plan",
         "vsotools.shards.write",
         "vsotools.shards.pool",

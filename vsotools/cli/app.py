@@ -110,6 +110,10 @@ def _positive(text: str) -> int:
     return value
 
 
+ENGINE_FLAGS = (Flag("engine.kind", "--engine"), Flag("engine.ray_address"))
+"""Where fetch, filter, shard and run run their parts: this machine or a Ray cluster."""
+
+
 # --- vsotools settings ------------------------------------------------------------------------
 
 
@@ -263,6 +267,8 @@ FETCH_FLAGS = (
     Flag("fetch.calls_per_hour"),
     Flag("fetch.download_concurrency", "--concurrency"),
     Flag("fetch.max_side"),
+    Flag("fetch.image_store"),
+    *ENGINE_FLAGS,
 )
 
 
@@ -421,6 +427,7 @@ FILTER_FLAGS = (
     Flag("filter.dedup_images"),
     Flag("filter.dedup_owner_text"),
     Flag("filter.workers"),
+    *ENGINE_FLAGS,
 )
 
 
@@ -516,6 +523,7 @@ SHARD_FLAGS = (
     Flag("shard.readers"),
     Flag("shard.max_skipped"),
     Flag("shard.workers"),
+    *ENGINE_FLAGS,
 )
 
 
@@ -841,7 +849,7 @@ def _add_run_commands(commands: argparse._SubParsersAction) -> None:
         help="Flickr key file (KEY=value lines); default: FLICKR_API_KEY / FLICKR_API_SECRET",
     )
     add_json_option(run)
-    add_recipe_options(run, (Flag("run.models"),), recipe_file=False)
+    add_recipe_options(run, (Flag("run.models"), *ENGINE_FLAGS), recipe_file=False)
     run.set_defaults(handler=_run)
 
     demo = commands.add_parser(

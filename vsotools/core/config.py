@@ -92,6 +92,10 @@ class FetchConfig:
         "Folder that the local images of a pairs file must lie in (their paths are relative to it or absolute inside it); empty: the pairs file's folder.",
         path=True,
     )
+    image_store: str = setting(
+        "",
+        "Where the images are stored: empty for the dataset folder (`DATA/images/`); an fsspec URL (`s3://bucket/prefix`) or an absolute path for storage that every node of a cluster sees (docs/distributed.md). A record's `image_path` is relative to it.",
+    )
 
     # --- the Flickr API ---
     api_url: str = setting(
@@ -266,6 +270,14 @@ class FetchConfig:
         )
         _check(1 <= self.jpeg_quality <= 100, "fetch.jpeg_quality", "must be between 1 and 100")
         _check(self.part_size > 0, "fetch.part_size", "must be positive")
+        _check(
+            not self.image_store
+            or "://" in self.image_store
+            or Path(self.image_store).is_absolute(),
+            "fetch.image_store",
+            f"must be empty, an fsspec URL (s3://bucket/prefix) or an absolute path, got"
+            f" {self.image_store!r}",
+        )
 
 
 @dataclass
@@ -731,6 +743,33 @@ class TrainConfig:
         _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", "must not be negative")
 
 
+@dataclass
+class EngineConfig:
+    """Where the data stages run their parts: this machine, or a Ray cluster (``core.engine``)."""
+
+    kind: Literal["local", "ray"] = setting(
+        "local",
+        "`local`: this machine's processes and threads; `ray`: the parts of fetch's downloads, filter's word counting and shard's writing as tasks on a Ray cluster (`pip install 'vsotools[ray]'`; docs/distributed.md).",
+        shapes_output=False,
+    )
+    ray_address: str = setting(
+        "",
+        "The Ray cluster to run on: `auto` (the cluster this machine is a node of), `HOST:PORT` of its head, or `ray://HOST:PORT`; empty: Ray's own choice (`RAY_ADDRESS`, as `ray job submit` sets it, else a cluster on this machine).",
+        shapes_output=False,
+    )
+
+    def validate(self) -> None:
+        address = self.ray_address
+        _check(
+            address in ("", "auto") or bool(_RAY_ADDRESS.match(address)),
+            "engine.ray_address",
+            f"expected auto, HOST:PORT or ray://HOST:PORT, got {address!r}",
+        )
+
+
+_RAY_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+
+
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -745,6 +784,7 @@ class Recipe:
     shard: ShardConfig = field(default_factory=ShardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> None:
         # The name becomes a folder name (``runs/NAME``): one plain component, no ``..``.
@@ -883,7 +923,8 @@ def describe(dotted: str) -> SettingInfo:
 
 
 def section_names() -> list[str]:
-    """The recipe's sections, in declaration order: anps, fetch, filter, shard, train, run."""
+    """The recipe's sections, in declaration order: anps, fetch, filter, shard, train, run,
+    engine."""
     return _sections(Recipe())
 
 

@@ -14,19 +14,22 @@ The rules, in order, each counted in the report:
    falls below the test fraction, so a photo's split never depends on the other photos.
 
 The input is streamed in batches and the output written batch by batch, so memory stays flat
-except for 16 bytes per surviving photo held for the duplicate rules.
+except for 16 bytes per surviving photo held for the duplicate rules. Rules 1-3 are a pure
+function of one batch (``label_part``: cleaning, word counting, labels), which the engine
+(``core.engine``) runs in this process, in local worker processes or as Ray tasks; the global
+rules 4 and 5 stay in this process, which takes the parts' results in input order, so the
+output is the same whichever engine ran them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +43,8 @@ from tqdm import tqdm
 from vsotools.core import schema
 from vsotools.core.anps import anp_scores, label_for_score, read_manifest
 from vsotools.core.config import Recipe
+from vsotools.core.engine import Task, open_engine
 from vsotools.core.errors import VsoError
-from vsotools.core.processes import exit_with_parent
 from vsotools.core.text import clean_text, count_words
 from vsotools.dataset.folder import FILTERED_FILE, DatasetFolder, StageReport
 
@@ -68,7 +71,9 @@ DROP_REASONS = (
 )
 
 _BATCH_ROWS = 20_000
+"""Records per part: a part is labelled in one worker (a process, or a Ray task)."""
 _PARALLEL_MIN_TEXTS = 5_000
+"""Fewer records are labelled in the command's own process."""
 
 
 class FilterError(VsoError):
@@ -202,28 +207,35 @@ def _filter(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        # Pass 1: rules 1-3, batch by batch, survivors to a work file; keys for the duplicates.
+        # Pass 1: rules 1-3, one part (a batch of records) at a time, in the engine's workers;
+        # the survivors written in input order to a work file, keys kept for the duplicates.
         survivors = work / "labelled.parquet"
         sha_keys: list[np.ndarray] = []
         text_keys: list[np.ndarray] = []
+        rows = dataset.count_rows()
+        rules = _Rules.of(recipe, scores)
+        tasks = (
+            Task(f"batch {index}", (batch,), size=batch.num_rows)
+            for index, batch in enumerate(_batches(dataset))
+        )
         with (
             pq.ParquetWriter(survivors, _LABELLED_SCHEMA) as writer,
-            tqdm(
-                total=dataset.count_rows(), unit="photo", desc="filter", disable=not progress
-            ) as bar,
-            _word_counter(cfg.workers) as counter,
+            tqdm(total=rows, unit="photo", desc="filter", disable=not progress) as bar,
+            open_engine(recipe.engine) as engine,
         ):
-            # Batches of photo records, of the fields filter reads (schema.PHOTO_FILTER_FIELDS).
-            for batch in _batches(dataset):
-                rows = batch.to_pylist()
-                report.input += len(rows)
-                kept = _label_and_count(rows, recipe, scores, counter, report, unknown)
-                if kept:
-                    table = pa.Table.from_pylist(kept, schema=_LABELLED_SCHEMA)
-                    writer.write_table(table)
-                    sha_keys.append(_duplicate_keys(kept, _image_key))
-                    text_keys.append(_duplicate_keys(kept, _owner_text_key))
-                bar.update(len(rows))
+            for _, part in engine.map(
+                label_part,
+                tasks,
+                shared=(rules,),
+                workers=_workers(cfg.workers, rows),
+                progress=bar.update,
+                ordered=True,
+            ):
+                part.add_to(report, unknown)
+                if part.kept.num_rows:
+                    writer.write_table(part.kept)
+                    sha_keys.append(part.image_keys)
+                    text_keys.append(part.owner_text_keys)
 
         # Rule 4: keep the first photo (in input order) of every duplicate set.
         keep = np.ones(sum(len(k) for k in sha_keys), dtype=bool)
@@ -298,39 +310,82 @@ def _manifest_scores(recipe: Recipe, dataset: ds.Dataset) -> dict[str, float]:
     return {}
 
 
-def _label_and_count(
-    rows: list[dict[str, Any]],
-    recipe: Recipe,
-    scores: dict[str, float],
-    counter: _WordCounter,
-    report: FilterReport,
-    unknown: set[str],
-) -> list[dict[str, Any]]:
-    """Rules 1-3 on one batch: the surviving rows as filtered records (without the split)."""
-    cfg, pos, neg = recipe.filter, recipe.anps.pos_threshold, recipe.anps.neg_threshold
-    fetched = [r for r in rows if r["status"] == schema.STATUS_OK]
-    report.dropped[NOT_FETCHED] += len(rows) - len(fetched)
+@dataclass(frozen=True)
+class _Rules:
+    """What rules 1-3 need, shipped once to every worker that labels parts."""
 
-    texts = [photo_text(r, cfg.text_fields) for r in fetched]
-    counts = counter(texts)
-    for n in counts:
-        report.words_histogram[str(n)] = report.words_histogram.get(str(n), 0) + 1
+    text_fields: tuple[str, ...]
+    min_words: int
+    max_words: int
+    pos_threshold: float
+    neg_threshold: float
+    scores: dict[str, float]
+
+    @classmethod
+    def of(cls, recipe: Recipe, scores: dict[str, float]) -> _Rules:
+        cfg = recipe.filter
+        return cls(
+            tuple(cfg.text_fields),
+            cfg.min_words,
+            cfg.max_words,
+            recipe.anps.pos_threshold,
+            recipe.anps.neg_threshold,
+            scores,
+        )
+
+
+@dataclass
+class LabelledPart:
+    """What ``label_part`` returns for the driver: the survivors of rules 1-3 in input order,
+    their duplicate keys, and what each rule dropped."""
+
+    input: int
+    kept: pa.Table
+    """Filtered records without the split (``_LABELLED_SCHEMA``)."""
+    image_keys: np.ndarray
+    owner_text_keys: np.ndarray
+    dropped: dict[str, int]
+    words_histogram: dict[str, int]
+    unknown_anps: set[str]
+
+    def add_to(self, report: FilterReport, unknown: set[str]) -> None:
+        report.input += self.input
+        for reason, n in self.dropped.items():
+            report.dropped[reason] += n
+        for words, n in self.words_histogram.items():
+            report.words_histogram[words] = report.words_histogram.get(words, 0) + n
+        unknown.update(self.unknown_anps)
+
+
+def label_part(rules: _Rules, batch: pa.RecordBatch, report: object = None) -> LabelledPart:
+    """Rules 1-3 on one part of the photo records (cleaning, word counting, labels): a pure
+    function of the part, run by the engine in any worker (``core.engine``)."""
+    rows = batch.to_pylist()
+    dropped: Counter[str] = Counter()
+    histogram: Counter[str] = Counter()
+    unknown: set[str] = set()
+    fetched = [r for r in rows if r["status"] == schema.STATUS_OK]
+    dropped[NOT_FETCHED] += len(rows) - len(fetched)
+
+    texts = [photo_text(r, rules.text_fields) for r in fetched]
+    counts = _count_words(texts)
+    histogram.update(str(n) for n in counts)
     kept = []
     for record, text, words in zip(fetched, texts, counts, strict=True):
-        if words < cfg.min_words:
-            report.dropped[TOO_FEW_WORDS] += 1
+        if words < rules.min_words:
+            dropped[TOO_FEW_WORDS] += 1
             continue
-        if words > cfg.max_words:
-            report.dropped[TOO_MANY_WORDS] += 1
+        if words > rules.max_words:
+            dropped[TOO_MANY_WORDS] += 1
             continue
         anps = list(record["anps"] or [])
         if record["source"] == schema.SOURCE_PAIRS:
             label, reason = given_label(record["label"])
         else:
-            label, reason = anp_label(anps, scores, pos, neg)
-            unknown.update(a for a in anps if a not in scores)
+            label, reason = anp_label(anps, rules.scores, rules.pos_threshold, rules.neg_threshold)
+            unknown.update(a for a in anps if a not in rules.scores)
         if reason is not None:
-            report.dropped[reason] += 1
+            dropped[reason] += 1
             continue
         kept.append(
             {
@@ -340,7 +395,7 @@ def _label_and_count(
                 "label": label,
                 "label_name": schema.LABEL_NAMES[label],
                 "anps": anps,
-                "anp_scores": [scores.get(a) for a in anps],
+                "anp_scores": [rules.scores.get(a) for a in anps],
                 "owner": record["owner"],
                 "license": record["license"],
                 "image_url": record["image_url"],
@@ -348,7 +403,15 @@ def _label_and_count(
                 "sha256": record["sha256"],
             }
         )
-    return kept
+    return LabelledPart(
+        input=len(rows),
+        kept=pa.Table.from_pylist(kept, schema=_LABELLED_SCHEMA),
+        image_keys=_duplicate_keys(kept, _image_key),
+        owner_text_keys=_duplicate_keys(kept, _owner_text_key),
+        dropped=dict(dropped),
+        words_histogram=dict(histogram),
+        unknown_anps=unknown,
+    )
 
 
 def _image_key(record: dict[str, Any]) -> int | None:
@@ -417,40 +480,19 @@ def _test_fractions(report: FilterReport, asked: float) -> dict[str, float | Non
     return fractions
 
 
-# --- word counting, in worker processes when there is enough of it --------------------------
+# --- word counting ------------------------------------------------------------------------
 
 
-class _WordCounter:
-    """Counts words of many texts; identical texts (bulk uploads) are counted once per batch."""
-
-    def __init__(self, pool: ProcessPoolExecutor | None, workers: int) -> None:
-        self._pool = pool
-        self._workers = workers
-
-    def __call__(self, texts: list[str]) -> list[int]:
-        unique = list(dict.fromkeys(t for t in texts if t))
-        if self._pool is None or len(unique) < _PARALLEL_MIN_TEXTS:
-            counts = [count_words(t) for t in unique]
-        else:
-            chunk = -(-len(unique) // (self._workers * 4))
-            parts = [unique[i : i + chunk] for i in range(0, len(unique), chunk)]
-            counts = [n for part in self._pool.map(_count_all, parts) for n in part]
-        known = dict(zip(unique, counts, strict=True))
-        return [known.get(t, 0) for t in texts]
+def _count_words(texts: list[str]) -> list[int]:
+    """Words of each text; identical texts (bulk uploads) are counted once per part."""
+    unique = dict.fromkeys(t for t in texts if t)
+    known = {text: count_words(text) for text in unique}
+    return [known.get(t, 0) for t in texts]
 
 
-def _count_all(texts: list[str]) -> list[int]:
-    return [count_words(t) for t in texts]
-
-
-@contextlib.contextmanager
-def _word_counter(workers: int) -> Iterator[_WordCounter]:
-    """A word counter using ``workers`` processes (0: one per core) for large batches."""
-    workers = workers or os.cpu_count() or 1
-    if workers == 1:
-        yield _WordCounter(None, 1)
-        return
-    with ProcessPoolExecutor(
-        workers, initializer=exit_with_parent, initargs=(os.getpid(),)
-    ) as pool:
-        yield _WordCounter(pool, workers)
+def _workers(workers: int, rows: int) -> int:
+    """Local processes for ``rows`` records: ``workers`` (0: one per core), or this process
+    alone when there are too few records to pay for starting others."""
+    if rows < _PARALLEL_MIN_TEXTS:
+        return 1
+    return workers or os.cpu_count() or 1

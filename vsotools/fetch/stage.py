@@ -17,8 +17,10 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,21 +32,21 @@ from tqdm import tqdm
 
 from vsotools.core.anps import Anp, label_for_score, read_manifest
 from vsotools.core.config import Recipe
+from vsotools.core.engine import PROBE_PREFIX, Engine, Task, open_engine
 from vsotools.core.errors import ConfigError
 from vsotools.core.files import file_sha256
 from vsotools.core.schema import SOURCE_FLICKR, SOURCE_PAIRS
 from vsotools.dataset.folder import DatasetFolder, StageReport
 from vsotools.fetch.client import Credentials, FlickrClient, FoundPhoto
-from vsotools.fetch.download import Downloader, DownloadSettings, Outcome, read_local_image
+from vsotools.fetch.download import Downloader, DownloadSettings, Outcome
 from vsotools.fetch.pairs import PairsError, read_pairs
+from vsotools.fetch.parts import DownloadJob, download_part, fetch_image
 from vsotools.fetch.search import PageSummary, anp_query, search_anp
 from vsotools.fetch.store import PendingPhoto, StateError, Store
 
 log = logging.getLogger(__name__)
 
 PAIRS_SHA256 = "pairs sha256"
-NO_IMAGE_URL = "no_image_url"
-"""Failure reason of a photo that has none of the sizes asked for."""
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,12 @@ def _fetch(
     started = time.monotonic()
     config = recipe.fetch
     anps = [] if pairs is not None else anps_to_search(recipe)
-    with Store(folder.root, config.part_size) as store:
-        common = {"fetch.part_size": config.part_size, "fetch.max_side": config.max_side}
+    with Store(folder.root, config.part_size, config.image_store) as store:
+        common = {
+            "fetch.part_size": config.part_size,
+            "fetch.max_side": config.max_side,
+            "fetch.image_store": config.image_store,
+        }
         if pairs is not None:
             store.pin({"source": SOURCE_PAIRS, "pairs": str(pairs), **common})
         else:
@@ -151,17 +157,25 @@ def _fetch(
         extra_hosts = [] if pairs is not None else [_host(config.api_url)]
         settings = DownloadSettings.from_config(config, extra_hosts)
         api_calls = 0
+        job = DownloadJob(
+            settings,
+            store.images,
+            _image_root(recipe, pairs),
+            config.part_size,
+            config.download_concurrency,
+        )
         with (
+            open_engine(recipe.engine) as engine,
             _Progress(progress, len(anps), pairs is not None) as bars,
-            _ImageWorkers(
-                store, settings, config.download_concurrency, bars, _image_root(recipe, pairs)
-            ) as workers,
+            _downloads(engine, store, job, bars) as workers,
         ):
             if pairs is not None:
                 assert pairs_sha256 is not None
                 _load_pairs(store, pairs, pairs_sha256)
             before = store.counts()
             bars.start(before.photos, before.downloaded + before.failed, before.anps_done)
+            if engine.distributed:
+                _check_visible(engine, store, job)
             for photo in store.pending():
                 workers.submit(photo)
             if pairs is None:
@@ -225,7 +239,7 @@ def _crawl(
     anps: list[Anp],
     store: Store,
     credentials: Credentials | None,
-    workers: _ImageWorkers,
+    workers: _ImageWorkers | _PartDownloads,
     bars: _Progress,
 ) -> int:
     """Search every ANP not searched yet, handing new photos to the workers; returns API calls."""
@@ -396,11 +410,7 @@ class _ImageWorkers:
             self._slots.release()
 
     def _fetch(self, photo: PendingPhoto) -> Outcome:
-        if photo.local_path is not None:
-            return read_local_image(self._image_root, photo.local_path, self._settings)
-        if photo.image_url is None:
-            return Outcome.failed(NO_IMAGE_URL)
-        return self._downloader.get(photo.image_url)
+        return fetch_image(photo, self._downloader, self._image_root, self._settings)
 
     def __enter__(self) -> _ImageWorkers:
         return self
@@ -412,6 +422,100 @@ class _ImageWorkers:
         self._downloader.close()
         if exc is None and self._error is not None:
             raise self._error
+
+
+class _PartDownloads:
+    """The downloads as parts on a cluster (``fetch.parts.download_part`` through the engine):
+    photos are gathered into parts of one image folder each, a few parts in flight; this
+    process records each part's outcomes as it comes back."""
+
+    def __init__(self, engine: Engine, store: Store, job: DownloadJob, bars: _Progress) -> None:
+        self._engine, self._store, self._job, self._bars = engine, store, job, bars
+        self._part: list[PendingPhoto] = []
+        self._parts: queue.Queue[list[PendingPhoto] | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._record, name="parts", daemon=True)
+        self._thread.start()
+
+    def submit(self, photo: PendingPhoto) -> None:
+        if (
+            self._part
+            and photo.seq // self._job.part_size != self._part[0].seq // self._job.part_size
+        ):
+            self._put(self._part)
+            self._part = []
+        self._part.append(photo)
+
+    def _put(self, part: list[PendingPhoto] | None) -> None:
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._parts.put(part, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _tasks(self) -> Iterator[Task]:
+        while (part := self._parts.get()) is not None:
+            yield Task(f"photos {part[0].seq}-{part[-1].seq}", (part,), size=len(part))
+
+    def _record(self) -> None:
+        try:
+            for _, saved in self._engine.map(
+                download_part, self._tasks(), shared=(self._job,), progress=self._bars.images
+            ):
+                self._store.commit_saved(saved)
+                self._bars.failures(sum(image.error is not None for image in saved))
+        except BaseException as exc:  # stop the fetch; what was recorded stays
+            self._error = exc
+
+    def __enter__(self) -> _PartDownloads:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        # On an error the parts in flight still finish and are recorded; the next run fetches
+        # the rest.
+        try:
+            if exc is None and self._part:
+                self._put(self._part)
+            self._put(None)
+        except BaseException:
+            if exc is None:
+                raise
+        finally:
+            self._part = []
+            self._thread.join()
+        if exc is None and self._error is not None:
+            raise self._error
+
+
+def _downloads(
+    engine: Engine, store: Store, job: DownloadJob, bars: _Progress
+) -> _ImageWorkers | _PartDownloads:
+    """This process's download threads, or parts on the engine's cluster."""
+    if engine.distributed:
+        return _PartDownloads(engine, store, job, bars)
+    return _ImageWorkers(store, job.settings, job.concurrency, bars, job.image_root)
+
+
+def _check_visible(engine: Engine, store: Store, job: DownloadJob) -> None:
+    """Before any download on a cluster: every node sees the image store, and the folder of a
+    pairs file's local images."""
+    probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+    store.images.write(0, probe, uuid.uuid4().bytes)
+    try:
+        paths = [store.images.url_of(probe)]
+        local = next((p.local_path for p in store.pending() if p.local_path), None)
+        if local is not None:
+            paths.append(str(job.image_root / local))
+        engine.check_visible(paths)
+    finally:
+        path = store.images.url_of(probe)
+        if store.images.location is not None:
+            store.images.location.remove(probe)
+        else:
+            Path(path).unlink(missing_ok=True)
 
 
 class _Progress:
@@ -462,6 +566,18 @@ class _Progress:
         if self._anps is not None:
             with self._lock:
                 self._anps.update(1)
+
+    def images(self, n: int) -> None:
+        """``n`` more images fetched (their outcomes come with ``failures``)."""
+        if self._images is not None:
+            with self._lock:
+                self._images.update(n)
+
+    def failures(self, n: int) -> None:
+        if self._images is not None and n:
+            with self._lock:
+                self._failed += n
+                self._images.set_postfix(failed=self._failed)
 
     def image_done(self, outcome: Outcome) -> None:
         if self._images is not None:

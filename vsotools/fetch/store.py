@@ -17,6 +17,13 @@ An image is saved in three steps: its bytes are written to ``.incoming/{seq}.par
 to ``.incoming/{seq}.{sha256}.{bytes}.{w}x{h}.{ext}``; the outcome is committed to the state; the
 file is renamed into ``images/``. Whatever step a kill interrupts, the next run finishes it from the
 file name alone (``recover``), so no image that reached the disk is downloaded again.
+
+With ``fetch.image_store`` set, the images live in that store (``ImageStore``: an ``s3://`` URL
+or a folder every node mounts) under the same relative names, and the last step uploads the
+file instead of renaming it. Parts downloaded elsewhere (``fetch.parts``, on a cluster) write
+each image straight into the store and hand their outcomes back; ``commit_saved`` records a
+part's outcomes in one transaction, and a part whose outcomes never came back is downloaded
+again by the next run, to the same names.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from vsotools.core.schema import (
 from vsotools.dataset.folder import IMAGES_DIR, INCOMING_DIR, DatasetFolder
 from vsotools.fetch.download import Outcome
 from vsotools.fetch.search import PageSummary
+from vsotools.shards.location import Location
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -88,6 +96,82 @@ class PendingPhoto:
 
 
 @dataclass(frozen=True)
+class SavedImage:
+    """A photo's outcome once its image (if kept) is in the store: what the state records."""
+
+    seq: int
+    error: str | None
+    """None when the image was kept; else the failure reason."""
+    image_path: str | None = None
+    facts: tuple[str, int, int, int] | None = None
+    """sha256, bytes, width and height of the image as served."""
+
+
+def image_path(seq: int, photo_id: str, ext: str, part_size: int) -> str:
+    """Where a photo's image is stored, relative to the image store (the dataset folder)."""
+    name = sample_key(photo_id)
+    if name != photo_id or len(name) > 100:
+        name = f"{name[:80]}-{seq}"  # two ids may read alike once made safe
+    return f"{IMAGES_DIR}/{seq // part_size:05d}/{name}.{ext}"
+
+
+class ImageStore:
+    """Where a dataset's images are: its folder, or ``url`` (``fetch.image_store``); picklable,
+    so that the parts downloaded on other machines write to the same place."""
+
+    def __init__(self, data_dir: str | Path, url: str = "") -> None:
+        self.data_dir = Path(data_dir)
+        self.url = url
+        self.location = Location(url) if url else None
+
+    def __str__(self) -> str:
+        return self.url or str(self.data_dir)
+
+    def url_of(self, name: str) -> str:
+        return self.location.url_of(name) if self.location else str(self.data_dir / name)
+
+    def exists(self, name: str) -> bool:
+        if self.location is None:
+            return (self.data_dir / name).exists()
+        return self.location.size(name) is not None
+
+    def put_file(self, path: Path, name: str) -> None:
+        """Move the finished file ``path`` (in this folder's ``.incoming``) to ``name``."""
+        if self.location is None:
+            final = self.data_dir / name
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, final)
+            return
+        self.location.write_bytes(name, path.read_bytes())
+        path.unlink()
+
+    def write(self, seq: int, name: str, data: bytes) -> None:
+        """Store ``data`` as ``name``, complete or not at all: locally through
+        ``.incoming/{seq}.partial`` (which the next run removes if this one is killed)."""
+        if self.location is not None:
+            self.location.write_bytes(name, data)
+            return
+        partial = self.data_dir / INCOMING_DIR / f"{seq}.partial"
+        with partial.open("wb") as fh:
+            fh.write(data)
+        final = self.data_dir / name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, final)
+
+    def save(self, photo: PendingPhoto, outcome: Outcome, part_size: int) -> SavedImage:
+        """Store a fetched image (when kept); its outcome as the state records it."""
+        if not outcome.ok:
+            return SavedImage(photo.seq, outcome.error)
+        assert outcome.data is not None and outcome.ext is not None
+        assert outcome.sha256 is not None and outcome.image_bytes is not None
+        assert outcome.width is not None and outcome.height is not None
+        name = image_path(photo.seq, photo.photo_id, outcome.ext, part_size)
+        self.write(photo.seq, name, outcome.data)
+        facts = (outcome.sha256, outcome.image_bytes, outcome.width, outcome.height)
+        return SavedImage(photo.seq, None, name, facts)
+
+
+@dataclass(frozen=True)
 class Counts:
     photos: int
     downloaded: int
@@ -101,10 +185,11 @@ class Counts:
 class Store:
     """The state and outputs of one dataset folder; its methods are thread-safe."""
 
-    def __init__(self, root: str | Path, part_size: int) -> None:
+    def __init__(self, root: str | Path, part_size: int, image_store: str = "") -> None:
         self.root = Path(root)
         self.folder = DatasetFolder(root)
         self.part_size = part_size
+        self.images = ImageStore(root, image_store)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / INCOMING_DIR).mkdir(exist_ok=True)
         self._lock = threading.RLock()
@@ -330,11 +415,31 @@ class Store:
         image_path = self.image_path(seq, photo_id, match["ext"])
         facts = (match["sha"], int(match["bytes"]), int(match["w"]), int(match["h"]))
         self._commit_outcome(seq, STATUS_OK, None, image_path, facts)
+        self._store(named, image_path)
+
+    def _store(self, named: Path, image_path: str) -> None:
+        if self.images.location is not None:
+            self.images.put_file(named, image_path)
+            return
         final = self.root / image_path
         if final.parent not in self._made_dirs:
             final.parent.mkdir(parents=True, exist_ok=True)
             self._made_dirs.add(final.parent)
         os.replace(named, final)
+
+    def commit_saved(self, saved: Iterable[SavedImage]) -> None:
+        """Record the outcomes of a part whose images are already in the store (one
+        transaction)."""
+        with self._transaction() as db:
+            for image in saved:
+                sha, size, width, height = image.facts or (None, None, None, None)
+                status = STATUS_OK if image.error is None else STATUS_FAILED
+                db.execute(
+                    "UPDATE photos SET status = ?, error = ?, sha256 = ?, image_bytes = ?,"
+                    " width = ?, height = ?, image_path = ? WHERE seq = ?",
+                    (status, image.error, sha, size, width, height, image.image_path, image.seq),
+                )
+                self._mark_dirty(db, image.seq)
 
     def _commit_outcome(
         self,
@@ -371,19 +476,16 @@ class Store:
             elif row[1] is None:
                 self._settle(path, seq, row[0])
                 kept += 1
-            elif not (self.root / row[2]).exists():
-                os.replace(path, self.root / row[2])
+            elif not self.images.exists(row[2]):
+                self._store(path, row[2])
                 kept += 1
             else:
                 path.unlink()
         return kept
 
     def image_path(self, seq: int, photo_id: str, ext: str) -> str:
-        """Where a photo's image is stored, relative to the dataset folder."""
-        name = sample_key(photo_id)
-        if name != photo_id or len(name) > 100:
-            name = f"{name[:80]}-{seq}"  # two ids may read alike once made safe
-        return f"{IMAGES_DIR}/{seq // self.part_size:05d}/{name}.{ext}"
+        """Where a photo's image is stored, relative to the image store."""
+        return image_path(seq, photo_id, ext, self.part_size)
 
     def forget_damaged(self, names: Iterable[str]) -> None:
         """Make the damaged files of a finished fetch be written again: a stored image that is

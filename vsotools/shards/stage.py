@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import re
 import statistics
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vsotools.core.config import Recipe, ShardConfig, output_settings, recipe_to_toml
+from vsotools.core.engine import PROBE_PREFIX, Engine, open_engine
 from vsotools.core.errors import ExistingOutput
 from vsotools.core.files import file_sha256, folder_lock, json_bytes, json_sha256
 from vsotools.core.schema import TRAIN
@@ -154,13 +156,14 @@ def _write_shards(
     splits = table.column("split").to_pylist()
     labels = table.column("label").to_pylist()
     ordered = order_splits(splits, labels, config.seed)
+    images = image_store(recipe, folder)
     job_state = previous.job or _new_job_state(
-        build, config, ordered, table, folder, location, recipe.fetch.max_bytes
+        build, config, ordered, table, images, location, recipe.fetch.max_bytes
     )
     parts = cut_parts(ordered, job_state["shards"], config.seed)
 
     job = ShardJob(
-        data_dir=folder.root,
+        images=images,
         location=location,
         image_size=config.image_size,
         quality=config.quality,
@@ -171,7 +174,11 @@ def _write_shards(
     todo = [part for part in parts if part.name not in done]
     if done:
         log.info("resuming: %d of %d shards already written", len(done), len(parts))
-    written = run_parts(job, table, todo, workers=config.workers, progress=progress)
+    written = []
+    if todo:
+        with open_engine(recipe.engine) as engine:
+            _check_visible(engine, job, table, todo)
+            written = run_parts(engine, job, table, todo, workers=config.workers, progress=progress)
     results = {result.name: result for result in [*done.values(), *written]}
     ordered_results = [results[part.name] for part in parts]
 
@@ -190,6 +197,28 @@ def _write_shards(
     for message in report.warnings:
         log.warning("%s", message)
     return report
+
+
+def image_store(recipe: Recipe, folder: DatasetFolder) -> Path | Location:
+    """Where the dataset's images are: the recipe's ``fetch.image_store``, else the folder."""
+    store = recipe.fetch.image_store
+    return Location(store) if store else folder.root
+
+
+def _check_visible(engine: Engine, job: ShardJob, table: pa.Table, parts: Sequence[Part]) -> None:
+    """Before any work on a cluster: every node sees the images and the output location."""
+    if not engine.distributed:
+        return
+    probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+    job.location.write_bytes(probe, uuid.uuid4().bytes)
+    try:
+        written = job.location.url_of(probe)
+        image = table.column("image_path")[parts[0].rows[0]].as_py()
+        images = job.images
+        first = images.url_of(image) if isinstance(images, Location) else str(images / image)
+        engine.check_visible([written, first])
+    finally:
+        job.location.remove(probe)
 
 
 def _lock(location: Location):
@@ -293,14 +322,14 @@ def _new_job_state(
     config: ShardConfig,
     ordered: Mapping[str, list[int]],
     table: pa.Table,
-    folder: DatasetFolder,
+    images: Path | Location,
     location: Location,
     max_bytes: int,
 ) -> dict[str, Any]:
     """Measure a sample's size, decide each split's shard count, and record it as the job."""
     first_rows = [row for rows in ordered.values() for row in rows][:SIZE_SAMPLE]
     records = table.take(first_rows).to_pylist()
-    mean, std = measure_sample_bytes(records, folder, config, max_bytes)
+    mean, std = measure_sample_bytes(records, images, config, max_bytes)
     per_shard = samples_per_shard(config, mean, std)
     counts = {
         split: shard_count(len(rows), per_shard, config.readers if split == TRAIN else 1)
@@ -312,13 +341,16 @@ def _new_job_state(
 
 
 def measure_sample_bytes(
-    records: Iterable[Mapping[str, Any]], folder: DatasetFolder, config: ShardConfig, max_bytes: int
+    records: Iterable[Mapping[str, Any]],
+    images: Path | Location,
+    config: ShardConfig,
+    max_bytes: int,
 ) -> tuple[float, float]:
     """Mean and standard deviation of the tar bytes of ``records``' samples (readable ones)."""
     sizes = []
     for record in records:
         with contextlib.suppress(Skipped):
-            image = read_image(folder.root, record["image_path"], max_bytes)
+            image = read_image(images, record["image_path"], max_bytes)
             sample = encode_sample(
                 record, image, image_size=config.image_size, quality=config.quality
             )

@@ -2,9 +2,9 @@
 
 ``encode_sample`` turns a filtered record and its stored image into the members of a shard
 sample (``schema.SAMPLE_*``); ``write_shard(job, part, records)`` writes a ``Part`` as one tar
-shard (a tar of ``KEY.EXT`` members, as webdataset reads them) and then its completion marker. It depends on nothing
-but its arguments, so a local process pool (``shards.pool``) maps it over the parts today and
-an existing distributed engine (Ray, Dask, Spark) could map it over the same parts tomorrow.
+shard (a tar of ``KEY.EXT`` members, as webdataset reads them) and then its completion marker.
+It depends on nothing but its arguments, so the engine (``core.engine``, through
+``shards.pool``) maps it over the parts in this process, a local process pool or Ray tasks.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import posixpath
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,8 @@ from typing import Any
 
 from vsotools.core import images
 from vsotools.core.files import (
+    OUTSIDE_ROOT,
+    TOO_LARGE,
     HashingStream,
     UnsafeFile,
     contained_path,
@@ -55,9 +58,13 @@ class Skipped(Exception):
         self.detail = detail
 
 
-def read_image(data_dir: Path, image_path: str, max_bytes: int) -> bytes:
-    """The stored image bytes; raises ``Skipped`` when missing, unreadable, not a regular file,
-    larger than ``max_bytes``, or outside the dataset folder."""
+def read_image(images: Path | Location, image_path: str, max_bytes: int) -> bytes:
+    """The stored image bytes from the image store (the dataset folder, or a ``Location`` such
+    as ``s3://bucket/prefix``); raises ``Skipped`` when missing, unreadable, not a regular file,
+    larger than ``max_bytes``, or outside the store."""
+    if isinstance(images, Location):
+        return _read_stored_image(images, image_path, max_bytes)
+    data_dir = images
     try:
         path = contained_path(data_dir, image_path)
         return read_regular_file(path, max_bytes)
@@ -67,6 +74,21 @@ def read_image(data_dir: Path, image_path: str, max_bytes: int) -> bytes:
         raise Skipped(MISSING_IMAGE, f"{data_dir / image_path} not found") from None
     except OSError as exc:
         raise Skipped(UNREADABLE_IMAGE, f"{data_dir / image_path}: {exc.strerror or exc}") from None
+
+
+def _read_stored_image(images: Location, image_path: str, max_bytes: int) -> bytes:
+    name = posixpath.normpath(image_path)
+    if "\0" in name or name.startswith(("/", "../")) or name in ("..", ".") or "://" in name:
+        raise Skipped(OUTSIDE_ROOT, f"{image_path!r} is not a name inside {images}")
+    size = images.size(name)
+    if size is None:
+        raise Skipped(MISSING_IMAGE, f"{images.url_of(name)} not found")
+    if size > max_bytes:
+        raise Skipped(TOO_LARGE, f"{images.url_of(name)} has {size:,} bytes > {max_bytes:,}")
+    data = images.read_bytes(name)
+    if data is None:
+        raise Skipped(MISSING_IMAGE, f"{images.url_of(name)} not found")
+    return data
 
 
 def encode_sample(
@@ -104,7 +126,8 @@ def tar_bytes(sample: Mapping[str, bytes]) -> int:
 class ShardJob:
     """What every part of one run shares; pickled to the worker processes."""
 
-    data_dir: Path
+    images: Path | Location
+    """Where the images are: the dataset folder, or the recipe's ``fetch.image_store``."""
     location: Location
     image_size: int
     quality: int
@@ -171,7 +194,7 @@ def write_shard(
         with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for record in records:
                 try:
-                    image = read_image(job.data_dir, record["image_path"], job.max_bytes)
+                    image = read_image(job.images, record["image_path"], job.max_bytes)
                     sample = encode_sample(
                         record, image, image_size=job.image_size, quality=job.quality
                     )
