@@ -16,7 +16,6 @@ FLOORS = {
     CONTRACTS: [
         "vsotools.dataset.folder",
         "vsotools.shards.errors",
-        "vsotools.shards.location",
         "vsotools.shards.manifest",
         "vsotools.shards.tar_reader",
         "vsotools.training.folder",

@@ -182,6 +182,16 @@ def test_images_and_shards_on_s3_equal_the_local_engine(
         p.removeprefix("data/local/"): fs.cat_file(p) for p in fs.find("data/local/images")
     } == (stored)
 
+    # An image gone from the store: the folder is not current; a rerun fetches it again, the
+    # same bytes, and the next finds everything there (without any download).
+    assert fetch(here, tmp_path / "here").already_complete
+    victim = sorted(fs.find("data/local/images"))[3]
+    fs.rm_file(victim)
+    repaired = fetch(here, tmp_path / "here")
+    assert repaired.repaired == [victim.removeprefix("data/local/")]
+    assert fs.cat_file(victim) == stored[victim.removeprefix("data/local/")]
+    assert fetch(here, tmp_path / "here").already_complete
+
 
 def running_parts() -> list[int]:
     """Ray worker processes running a part now (Ray titles them after the task's function)."""

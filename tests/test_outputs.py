@@ -189,7 +189,7 @@ def test_a_truncated_manifest_is_written_again(cli, copy):
 
 def test_the_status_of_each_output(built, copy):
     from vsotools.core.config import load_recipe
-    from vsotools.shards.location import Location
+    from vsotools.core.storage import Location
     from vsotools.shards.manifest import read_manifest, status
 
     data = DatasetFolder(copy / "data")

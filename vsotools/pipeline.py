@@ -208,9 +208,9 @@ def _fingerprint(status: Status | None) -> str | None:
 def plan(recipe: Recipe, work: WorkFolder) -> list[PlannedStage]:
     """Each stage of ``recipe``'s run in ``work`` with the status of its output now: a stage
     whose input comes from a stage that is to run is known only once that one has run."""
+    from vsotools.core.storage import Location
     from vsotools.dataset.folder import DatasetFolder
     from vsotools.fetch.stage import fetch_inputs
-    from vsotools.shards.location import Location
     from vsotools.shards.manifest import status as set_status
     from vsotools.shards.stage import set_build
     from vsotools.training.folder import training_inputs

@@ -3,7 +3,8 @@
 One module owns the folder's layout; every stage, ``vsotools run`` and the report go through it::
 
     DATA/fetch-state.sqlite           fetch's working state (vsotools.fetch.store)
-    DATA/images/NNNNN/ID.EXT          the stored images (vsotools.fetch.store)
+    DATA/images/NNNNN/ID.EXT          the stored images (vsotools.fetch.store), or the same names
+                                      under ``fetch.image_store`` (``ImageStore``)
     DATA/metadata/part-NNNNN.parquet  one photo record per photo (schema.PHOTO_SCHEMA)
     DATA/fetch-recipe.toml            the recipe fetch ran with
     DATA/fetch-report.json            written last by fetch: its counts and its fingerprint
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +37,7 @@ import pyarrow.parquet as pq
 from vsotools.core.config import Recipe, output_settings, write_recipe
 from vsotools.core.errors import VsoError
 from vsotools.core.files import atomic_write_json, file_sha256, folder_lock, json_sha256
-from vsotools.core.schema import STATUS_OK
+from vsotools.core.schema import STATUS_OK, sample_key
 from vsotools.core.status import (
     CURRENT,
     FILES,
@@ -47,6 +50,7 @@ from vsotools.core.status import (
     damaged_names,
     listed_files,
 )
+from vsotools.core.storage import Location
 
 Stage = Literal["fetch", "filter"]
 
@@ -88,6 +92,77 @@ class StageReport:
         return cls(**{k: v for k, v in data.items() if k in known}, already_complete=True)
 
 
+def image_name(seq: int, photo_id: str, ext: str, part_size: int) -> str:
+    """Where a photo's image is stored, relative to the image store: ``images/{part:05d}/ID.EXT``
+    with its discovery number's part."""
+    name = sample_key(photo_id)
+    if name != photo_id or len(name) > 100:
+        name = f"{name[:80]}-{seq}"  # two ids may read alike once made safe
+    return f"{IMAGES_DIR}/{seq // part_size:05d}/{name}.{ext}"
+
+
+class ImageStore:
+    """Where a dataset's images are: its folder, or ``url`` (``fetch.image_store``: an fsspec
+    URL or a folder every node of a cluster mounts) under the same names; picklable, so that
+    parts downloaded on other machines write to the same place."""
+
+    def __init__(self, data_dir: str | Path, url: str = "") -> None:
+        self.data_dir = Path(data_dir)
+        self.url = url
+        self.location = Location(url) if url else None
+
+    def __str__(self) -> str:
+        return self.url or str(self.data_dir)
+
+    def url_of(self, name: str) -> str:
+        return self.location.url_of(name) if self.location else str(self.data_dir / name)
+
+    def exists(self, name: str) -> bool:
+        if self.location is None:
+            return (self.data_dir / name).exists()
+        return self.location.size(name) is not None
+
+    def sizes(self, folder: str) -> dict[str, int]:
+        """Name -> bytes of the images in ``folder`` (``images/NNNNN``): one listing."""
+        if self.location is not None:
+            return {f"{folder}/{name}": size for name, size in self.location.sizes(folder).items()}
+        try:
+            entries = list(os.scandir(self.data_dir / folder))
+        except OSError:
+            return {}
+        return {f"{folder}/{e.name}": e.stat().st_size for e in entries if e.is_file()}
+
+    def put_file(self, path: Path, name: str) -> None:
+        """Move the finished file ``path`` (in this folder's ``.incoming``) to ``name``."""
+        if self.location is None:
+            final = self.data_dir / name
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, final)
+            return
+        self.location.write_bytes(name, path.read_bytes())
+        path.unlink()
+
+    def write(self, seq: int, name: str, data: bytes) -> None:
+        """Store ``data`` as ``name``, complete or not at all: locally through
+        ``.incoming/{seq}.partial`` (which the next run removes if this one is killed)."""
+        if self.location is not None:
+            self.location.write_bytes(name, data)
+            return
+        partial = self.data_dir / INCOMING_DIR / f"{seq}.partial"
+        with partial.open("wb") as fh:
+            fh.write(data)
+        final = self.data_dir / name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, final)
+
+    def remove(self, name: str) -> None:
+        """Delete ``name`` if it is there."""
+        if self.location is not None:
+            self.location.remove(name)
+        else:
+            (self.data_dir / name).unlink(missing_ok=True)
+
+
 class DatasetError(VsoError):
     """A dataset folder is missing what a stage needs, or holds something unreadable."""
 
@@ -123,6 +198,10 @@ class DatasetFolder:
 
     def metadata_part(self, part: int) -> Path:
         return self.metadata_dir / f"part-{part:05d}.parquet"
+
+    def image_store(self, url: str = "") -> ImageStore:
+        """Where this dataset's images are: this folder, or ``url`` (``fetch.image_store``)."""
+        return ImageStore(self.root, url)
 
     def part_of(self, name: str) -> int | None:
         """The part number of the photo record file ``name`` (relative to the folder), or None
@@ -193,7 +272,7 @@ class DatasetFolder:
         if stage == "filter" and FILES not in report and not self.filtered.is_file():
             problems.append(f"{FILTERED_FILE} is missing")
         if stage == "fetch":
-            problems += self.damaged_images()
+            problems += self.damaged_images(self.image_store(_image_store_of(inputs)))
         if problems:
             more = f" and {len(problems) - 3:,} more" if len(problems) > 3 else ""
             why = f"{'; '.join(problems[:3])}{more}"
@@ -209,9 +288,10 @@ class DatasetFolder:
             return []
         return [] if report is None else damaged_files(self.root, report.get(FILES))
 
-    def damaged_images(self) -> list[str]:
+    def damaged_images(self, images: ImageStore) -> list[str]:
         """The stored images that the photo records list and that are missing or not of their
-        recorded size: one phrase each, naming the image's path in the folder."""
+        recorded size in ``images``: one phrase each, naming the image by its path in the
+        store. Each image folder is listed once (one call per folder on an object store)."""
         problems = []
         for part in self.metadata_files():
             try:
@@ -220,18 +300,19 @@ class DatasetFolder:
                 problems.append(f"{part.relative_to(self.root)} is unreadable ({exc})")
                 continue
             columns = table.to_pydict()
+            recorded: dict[str, dict[str, int]] = defaultdict(dict)
             for status, path, size in zip(
                 columns["status"], columns["image_path"], columns["image_bytes"], strict=True
             ):
-                if status != STATUS_OK or not path:
-                    continue
-                try:
-                    found = (self.root / path).stat().st_size
-                except OSError:
-                    problems.append(f"{path} is missing")
-                    continue
-                if found != size:
-                    problems.append(f"{path} has {found:,} bytes, {size:,} recorded")
+                if status == STATUS_OK and path:
+                    recorded[path.rpartition("/")[0]][path] = size
+            for folder, images_there in recorded.items():
+                found = images.sizes(folder)
+                for path, size in images_there.items():
+                    if path not in found:
+                        problems.append(f"{path} is missing")
+                    elif found[path] != size:
+                        problems.append(f"{path} has {found[path]:,} bytes, {size:,} recorded")
         return problems
 
     def fetch_inputs(self, recipe: Recipe, pairs_sha256: str | None) -> dict[str, Any]:
@@ -260,6 +341,12 @@ class DatasetFolder:
     def lock(self):
         """Hold the folder for one writing process (see ``files.folder_lock``)."""
         return folder_lock(self.root, "this dataset folder")
+
+
+def _image_store_of(inputs: dict[str, Any]) -> str:
+    """The ``fetch.image_store`` a fetch's inputs name (empty: the dataset folder)."""
+    fetch = inputs.get("fetch")
+    return str(fetch.get("image_store") or "") if isinstance(fetch, dict) else ""
 
 
 def _optional_sha256(path: str) -> str | None:

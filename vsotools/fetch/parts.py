@@ -17,8 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from vsotools.dataset.folder import ImageStore
 from vsotools.fetch.download import Downloader, DownloadSettings, Outcome, read_local_image
-from vsotools.fetch.store import ImageStore, PendingPhoto, SavedImage
+from vsotools.fetch.store import PendingPhoto, SavedImage, save_image
 
 NO_IMAGE_URL = "no_image_url"
 """Failure reason of a photo that has none of the sizes asked for."""
@@ -55,7 +56,7 @@ def download_part(
 
         def one(photo: PendingPhoto) -> SavedImage:
             outcome = fetch_image(photo, downloader, job.image_root, job.settings)
-            return job.images.save(photo, outcome, job.part_size)
+            return save_image(job.images, photo, outcome, job.part_size)
 
         saved = []
         with ThreadPoolExecutor(job.concurrency, thread_name_prefix="download") as pool:

@@ -511,11 +511,7 @@ def _check_visible(engine: Engine, store: Store, job: DownloadJob) -> None:
             paths.append(str(job.image_root / local))
         engine.check_visible(paths)
     finally:
-        path = store.images.url_of(probe)
-        if store.images.location is not None:
-            store.images.location.remove(probe)
-        else:
-            Path(path).unlink(missing_ok=True)
+        store.images.remove(probe)
 
 
 class _Progress:

@@ -49,12 +49,10 @@ from vsotools.core.schema import (
     PHOTO_SOURCE_FIELDS,
     STATUS_FAILED,
     STATUS_OK,
-    sample_key,
 )
-from vsotools.dataset.folder import IMAGES_DIR, INCOMING_DIR, DatasetFolder
+from vsotools.dataset.folder import IMAGES_DIR, INCOMING_DIR, DatasetFolder, ImageStore, image_name
 from vsotools.fetch.download import Outcome
 from vsotools.fetch.search import PageSummary
-from vsotools.shards.location import Location
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -107,68 +105,19 @@ class SavedImage:
     """sha256, bytes, width and height of the image as served."""
 
 
-def image_path(seq: int, photo_id: str, ext: str, part_size: int) -> str:
-    """Where a photo's image is stored, relative to the image store (the dataset folder)."""
-    name = sample_key(photo_id)
-    if name != photo_id or len(name) > 100:
-        name = f"{name[:80]}-{seq}"  # two ids may read alike once made safe
-    return f"{IMAGES_DIR}/{seq // part_size:05d}/{name}.{ext}"
-
-
-class ImageStore:
-    """Where a dataset's images are: its folder, or ``url`` (``fetch.image_store``); picklable,
-    so that the parts downloaded on other machines write to the same place."""
-
-    def __init__(self, data_dir: str | Path, url: str = "") -> None:
-        self.data_dir = Path(data_dir)
-        self.url = url
-        self.location = Location(url) if url else None
-
-    def __str__(self) -> str:
-        return self.url or str(self.data_dir)
-
-    def url_of(self, name: str) -> str:
-        return self.location.url_of(name) if self.location else str(self.data_dir / name)
-
-    def exists(self, name: str) -> bool:
-        if self.location is None:
-            return (self.data_dir / name).exists()
-        return self.location.size(name) is not None
-
-    def put_file(self, path: Path, name: str) -> None:
-        """Move the finished file ``path`` (in this folder's ``.incoming``) to ``name``."""
-        if self.location is None:
-            final = self.data_dir / name
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, final)
-            return
-        self.location.write_bytes(name, path.read_bytes())
-        path.unlink()
-
-    def write(self, seq: int, name: str, data: bytes) -> None:
-        """Store ``data`` as ``name``, complete or not at all: locally through
-        ``.incoming/{seq}.partial`` (which the next run removes if this one is killed)."""
-        if self.location is not None:
-            self.location.write_bytes(name, data)
-            return
-        partial = self.data_dir / INCOMING_DIR / f"{seq}.partial"
-        with partial.open("wb") as fh:
-            fh.write(data)
-        final = self.data_dir / name
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(partial, final)
-
-    def save(self, photo: PendingPhoto, outcome: Outcome, part_size: int) -> SavedImage:
-        """Store a fetched image (when kept); its outcome as the state records it."""
-        if not outcome.ok:
-            return SavedImage(photo.seq, outcome.error)
-        assert outcome.data is not None and outcome.ext is not None
-        assert outcome.sha256 is not None and outcome.image_bytes is not None
-        assert outcome.width is not None and outcome.height is not None
-        name = image_path(photo.seq, photo.photo_id, outcome.ext, part_size)
-        self.write(photo.seq, name, outcome.data)
-        facts = (outcome.sha256, outcome.image_bytes, outcome.width, outcome.height)
-        return SavedImage(photo.seq, None, name, facts)
+def save_image(
+    images: ImageStore, photo: PendingPhoto, outcome: Outcome, part_size: int
+) -> SavedImage:
+    """Store a fetched image in ``images`` (when kept); its outcome as the state records it."""
+    if not outcome.ok:
+        return SavedImage(photo.seq, outcome.error)
+    assert outcome.data is not None and outcome.ext is not None
+    assert outcome.sha256 is not None and outcome.image_bytes is not None
+    assert outcome.width is not None and outcome.height is not None
+    name = image_name(photo.seq, photo.photo_id, outcome.ext, part_size)
+    images.write(photo.seq, name, outcome.data)
+    facts = (outcome.sha256, outcome.image_bytes, outcome.width, outcome.height)
+    return SavedImage(photo.seq, None, name, facts)
 
 
 @dataclass(frozen=True)
@@ -189,7 +138,7 @@ class Store:
         self.root = Path(root)
         self.folder = DatasetFolder(root)
         self.part_size = part_size
-        self.images = ImageStore(root, image_store)
+        self.images = self.folder.image_store(image_store)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / INCOMING_DIR).mkdir(exist_ok=True)
         self._lock = threading.RLock()
@@ -485,7 +434,7 @@ class Store:
 
     def image_path(self, seq: int, photo_id: str, ext: str) -> str:
         """Where a photo's image is stored, relative to the image store."""
-        return image_path(seq, photo_id, ext, self.part_size)
+        return image_name(seq, photo_id, ext, self.part_size)
 
     def forget_damaged(self, names: Iterable[str]) -> None:
         """Make the damaged files of a finished fetch be written again: a stored image that is
@@ -510,8 +459,7 @@ class Store:
                         (seq,),
                     )
                     self._mark_dirty(db, seq)
-                    with contextlib.suppress(FileNotFoundError):
-                        (self.root / image_path).unlink()  # a damaged copy, fetched again
+                    self.images.remove(image_path)  # a damaged copy, fetched again
             for part in parts.values():
                 if part is not None:
                     db.execute("UPDATE parts SET dirty = 1 WHERE part = ?", (part,))

@@ -6,7 +6,7 @@ from vsotools.core.errors import VsoError
 
 
 class ShardSetError(VsoError):
-    """A shard set or its manifest is missing or malformed, or its location cannot be used."""
+    """A shard set or its manifest is missing or malformed."""
 
 
 class ShardError(VsoError):

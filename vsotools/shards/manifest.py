@@ -42,8 +42,8 @@ from typing import Any
 
 from vsotools.core.files import json_bytes, json_sha256
 from vsotools.core.status import CURRENT, MISSING, STALE, UNFINISHED, Status, changes
+from vsotools.core.storage import Location, as_location, join
 from vsotools.shards.errors import ShardError, ShardSetError
-from vsotools.shards.location import Location, as_location, join
 
 MANIFEST_NAME = "manifest.json"
 RECIPE_NAME = "recipe.toml"

@@ -31,9 +31,9 @@ from vsotools.core.errors import ExistingOutput
 from vsotools.core.files import file_sha256, folder_lock, json_bytes, json_sha256
 from vsotools.core.schema import TRAIN
 from vsotools.core.status import CURRENT, STALE, UNFINISHED
+from vsotools.core.storage import Location
 from vsotools.dataset.folder import DatasetFolder
 from vsotools.shards.errors import ShardError
-from vsotools.shards.location import Location
 from vsotools.shards.manifest import (
     JOB_NAME,
     MANIFEST_NAME,

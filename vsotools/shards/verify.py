@@ -35,7 +35,7 @@ from vsotools.core.schema import (
     read_class,
     sample_key,
 )
-from vsotools.shards.location import Location
+from vsotools.core.storage import Location
 from vsotools.shards.manifest import ShardInfo, is_shard_name, read_manifest
 from vsotools.shards.tar_reader import group_members, tar_members
 

@@ -39,7 +39,7 @@ from vsotools.core.schema import (
     SAMPLE_TEXT,
     sample_key,
 )
-from vsotools.shards.location import Location
+from vsotools.core.storage import Location
 from vsotools.shards.manifest import ShardInfo
 from vsotools.shards.plan import Part
 

@@ -1,6 +1,6 @@
-"""Where a shard set lives: a local folder or an fsspec URL (``s3://bucket/prefix``).
+"""Where an output lives: a local folder or an fsspec URL (``s3://bucket/prefix``).
 
-Local folders are written through a temporary name and ``os.replace``; fsspec URLs are written
+Shard sets and image stores (``fetch.image_store``) are kept at a ``Location``. Local folders are written through a temporary name and ``os.replace``; fsspec URLs are written
 by uploading each file whole, which on an object store makes it appear under its final name
 complete or not at all. Credentials and endpoints come from the filesystem's own
 configuration: for S3 the usual ``AWS_*`` variables and ``~/.aws`` files (``AWS_ENDPOINT_URL``
@@ -19,7 +19,12 @@ from typing import IO, Any, TypeVar
 
 from vsotools.core.errors import VsoError
 from vsotools.core.files import atomic_open, atomic_write_bytes
-from vsotools.shards.errors import ShardSetError
+
+
+class StorageError(VsoError):
+    """A location cannot be used: no support for its protocol, no credentials, no bucket, no
+    network, or a local path that is not a folder."""
+
 
 INSTALL_HINT = {"s3": "pip install 'vsotools[s3]'"}
 """How to install the fsspec implementation of a protocol that vsotools supports as an extra."""
@@ -45,13 +50,13 @@ def _storage_errors(method: Callable[..., _T]) -> Callable[..., _T]:
         except Exception as exc:
             if self.fs is None:
                 raise
-            raise ShardSetError(f"{self.url}: {type(exc).__name__}: {exc}") from None
+            raise StorageError(f"{self.url}: {type(exc).__name__}: {exc}") from None
 
     return wrapper
 
 
 class Location:
-    """A shard set's folder, local or an fsspec URL; every name is relative to it.
+    """A folder, local or an fsspec URL; every name is relative to it.
 
     Writes are atomic: a file appears under its name complete or not at all (locally through a
     temporary name and ``os.replace``; remotely by uploading it whole, which object stores
@@ -74,9 +79,9 @@ class Location:
         except ImportError as exc:
             hint = INSTALL_HINT.get(protocol)
             how = f"; install it with {hint}" if hint else ""
-            raise ShardSetError(f"{text}: no support for {protocol}:// URLs ({exc}){how}") from None
+            raise StorageError(f"{text}: no support for {protocol}:// URLs ({exc}){how}") from None
         except ValueError as exc:
-            raise ShardSetError(f"{text}: {exc}") from None
+            raise StorageError(f"{text}: {exc}") from None
         self.root = self.root.rstrip("/")
 
     def __reduce__(self) -> tuple[type[Location], tuple[str]]:
@@ -97,11 +102,11 @@ class Location:
         if self.local is None:
             return
         if self.local.exists() and not self.local.is_dir():
-            raise ShardSetError(f"{self.local}: exists and is not a folder")
+            raise StorageError(f"{self.local}: exists and is not a folder")
         try:
             self.local.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ShardSetError(
+            raise StorageError(
                 f"{self.local}: cannot create the output folder ({exc.strerror})"
             ) from None
 
@@ -224,7 +229,7 @@ def _as_storage_error(location: Location) -> Iterator[None]:
     except (VsoError, FileNotFoundError):
         raise
     except Exception as exc:
-        raise ShardSetError(f"{location.url}: {type(exc).__name__}: {exc}") from None
+        raise StorageError(f"{location.url}: {type(exc).__name__}: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -234,4 +239,4 @@ def _as_write_error(location: Location, name: str) -> Iterator[None]:
     except VsoError:
         raise
     except Exception as exc:  # a missing bucket is a FileNotFoundError here, not a missing file
-        raise ShardSetError(f"cannot write {location.url_of(name)}: {exc}") from None
+        raise StorageError(f"cannot write {location.url_of(name)}: {exc}") from None
