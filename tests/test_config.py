@@ -155,3 +155,63 @@ def test_settings_markdown_names_each_section_and_a_recipes_values(cli):
     text = cli("settings", "train", "--recipe", PIPELINES / "mvsa.toml", "--markdown").out
     assert text.startswith("| setting | value | meaning |\n")
     assert '| `text_encoder` | `"minilm"` |' in text
+
+
+def _bounded_settings() -> list[tuple[str, object]]:
+    """Every setting declared with bounds, and its bounds."""
+    import dataclasses
+
+    from vsotools.core.config import section_names
+
+    found = []
+    for section in section_names():
+        for spec in dataclasses.fields(getattr(Recipe(), section)):
+            bounds = spec.metadata.get("bounds")
+            if bounds:
+                found.append((f"{section}.{spec.name}", bounds))
+    return found
+
+
+@pytest.mark.parametrize(("dotted", "bounds"), _bounded_settings(), ids=lambda x: str(x)[:30])
+def test_each_bound_declared_with_its_setting_holds_exactly_at_its_edge(dotted, bounds):
+    """Every bound refuses the first value past it, with the setting's name and the rule, and
+    lets the value at its edge through (a comparison flipped or loosened fails here)."""
+    import typing
+
+    from vsotools.core.config import describe
+
+    info = describe(dotted)
+    item_type = typing.get_args(info.type)[0] if info.is_list else info.type
+    number = int if item_type is int else float
+    name = f"{dotted}[0]" if info.is_list else dotted
+
+    def error_for(value) -> str | None:
+        if info.is_list:
+            value = [value, *list(info.default)[1:]]
+        try:
+            Recipe().override({dotted: value})
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+    step = 1 if number is int else 1e-6
+    for edge, inclusive, outward in (
+        (bounds.gt, False, -1), (bounds.ge, True, -1), (bounds.lt, False, 1), (bounds.le, True, 1),
+    ):  # fmt: skip
+        if edge is None:
+            continue
+        past = number(edge + outward * step) if inclusive else number(edge)
+        refused = error_for(past)
+        assert refused is not None and refused.startswith(f"{name}: must "), (past, refused)
+        if inclusive:
+            at_edge = error_for(number(edge))  # refused only for a rule between settings
+            rule = f"{name}: {bounds.rule(number is int)}, got"
+            assert at_edge is None or not at_edge.startswith(rule), at_edge
+    if bounds.min_items is not None:
+        short = list(info.default)[: bounds.min_items - 1]
+        with pytest.raises(ConfigError, match=rf"^{dotted}: must "):
+            Recipe().override({dotted: short})
+    if bounds.max_items is not None:
+        longer = [*info.default, info.default[-1]]
+        with pytest.raises(ConfigError, match=rf"^{dotted}: must "):
+            Recipe().override({dotted: longer})

@@ -24,7 +24,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from vsotools.core.errors import ConfigError
 from vsotools.core.files import atomic_write_text
@@ -37,6 +37,12 @@ def setting(
     path: bool = False,
     unit: str | None = None,
     shapes_output: bool = True,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    min_items: int | None = None,
+    max_items: int | None = None,
 ) -> Any:
     """A recipe setting: a dataclass field with its default and its one-line ``help``.
 
@@ -44,17 +50,136 @@ def setting(
     filesystem path (resolved against a base folder); ``unit = "bytes"`` lets command-line text
     give sizes such as ``500MB``; ``shapes_output = False`` marks a setting that changes how fast
     or how patiently a stage works but not what it writes (processes, timeouts, retries), so
-    that changing it leaves an output current (``output_settings``).
+    that changing it leaves an output current (``output_settings``). ``gt``, ``ge``, ``lt`` and
+    ``le`` bound a number (each item of a list of numbers), ``min_items`` and ``max_items`` the
+    length of a list: every recipe is checked against them (``Bounds``).
     """
-    metadata = {"help": help, "path": path, "unit": unit, "shapes_output": shapes_output}
+    metadata = {
+        "help": help,
+        "path": path,
+        "unit": unit,
+        "shapes_output": shapes_output,
+        "bounds": Bounds(gt, ge, lt, le, min_items, max_items),
+    }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The limits a setting's value must keep, declared with the setting (``setting``)."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    min_items: int | None = None
+    max_items: int | None = None
+
+    def problems(self, value: Any, dotted: str) -> list[str]:
+        """One ``dotted: must ...`` line per way ``value`` breaks these bounds."""
+        found = []
+        if isinstance(value, list):
+            if (self.min_items is not None and len(value) < self.min_items) or (
+                self.max_items is not None and len(value) > self.max_items
+            ):
+                found.append(f"{dotted}: {self._items_rule()}, got {len(value)}")
+            items = [(f"{dotted}[{i}]", item) for i, item in enumerate(value)]
+        else:
+            items = [(dotted, value)]
+        for name, item in items:
+            if (
+                isinstance(item, int | float)
+                and not isinstance(item, bool)
+                and not self._holds(item)
+            ):
+                found.append(f"{name}: {self.rule(isinstance(item, int))}, got {item!r}")
+        return found
+
+    def _holds(self, x: float) -> bool:
+        return (
+            (self.gt is None or x > self.gt)
+            and (self.ge is None or x >= self.ge)
+            and (self.lt is None or x < self.lt)
+            and (self.le is None or x <= self.le)
+        )
+
+    def rule(self, whole: bool = True) -> str:
+        """The bounds in words: "must be positive", "must be between 1 and 100", "must be in
+        (0, 1]"."""
+        low = "(" if self.gt is not None else "["
+        high = ")" if self.lt is not None else "]"
+        lower = self.gt if self.gt is not None else self.ge
+        upper = self.lt if self.lt is not None else self.le
+        if upper is None:
+            if self.gt == 0:
+                return "must be positive"
+            if self.ge == 0:
+                return "must not be negative"
+            return (
+                f"must be at least {_number(self.ge)}"
+                if self.ge is not None
+                else (f"must be more than {_number(self.gt)}")
+            )
+        if lower is None:
+            return (
+                f"must be at most {_number(self.le)}"
+                if self.le is not None
+                else (f"must be less than {_number(self.lt)}")
+            )
+        if whole and self.ge is not None and self.le is not None:
+            return f"must be between {_number(lower)} and {_number(upper)}"
+        return f"must be in {low}{_number(lower)}, {_number(upper)}{high}"
+
+    def _items_rule(self) -> str:
+        if self.min_items == self.max_items:
+            return f"must have {self.min_items} items"
+        if self.max_items is None:
+            return (
+                "must not be empty"
+                if self.min_items == 1
+                else (f"must have at least {self.min_items} items")
+            )
+        return f"must have {self.min_items or 0} to {self.max_items} items"
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in dataclasses.astuple(self))
+
+
+def _number(value: float | None) -> str:
+    return f"{value:g}"
+
+
+class Section:
+    """A recipe section: its settings' bounds are checked from their declarations
+    (``check_bounds``), the rules between settings by its ``validate``."""
+
+    name: ClassVar[str]
+    """The section's name in a recipe file (``[fetch]``) and in dotted keys."""
+
+    def validate(self) -> None:
+        """Refuse values that break a rule between this section's settings."""
+
+    def check_bounds(self) -> None:
+        for spec in dataclasses.fields(self):  # type: ignore[arg-type]
+            bounds = spec.metadata.get("bounds")
+            if bounds:
+                problems = bounds.problems(getattr(self, spec.name), f"{self.name}.{spec.name}")
+                if problems:
+                    raise ConfigError(problems[0])
+
+    def require(self, key: str, condition: bool, message: str) -> None:
+        """Refuse, naming ``section.key``, a value for which ``condition`` does not hold."""
+        if not condition:
+            raise ConfigError(f"{self.name}.{key}: {message}")
+
+
 @dataclass
-class AnpsConfig:
+class AnpsConfig(Section):
     """The ANP manifest and the labelling rule (see ``vsotools.anps.label_for_score``)."""
+
+    name: ClassVar[str] = "anps"
 
     manifest: str = setting(
         "",
@@ -71,16 +196,18 @@ class AnpsConfig:
     )
 
     def validate(self) -> None:
-        _check(
+        self.require(
+            "neg_threshold",
             self.neg_threshold <= self.pos_threshold,
-            "anps.neg_threshold",
             f"must not exceed anps.pos_threshold ({self.neg_threshold} > {self.pos_threshold})",
         )
 
 
 @dataclass
-class FetchConfig:
+class FetchConfig(Section):
     """How ``vsotools fetch`` searches Flickr and downloads, validates and stores images."""
+
+    name: ClassVar[str] = "fetch"
 
     pairs: str = setting(
         "",
@@ -119,10 +246,13 @@ class FetchConfig:
     per_anp: int = setting(
         1000,
         "Most photos recorded per ANP.",
+        gt=0,
     )
     per_page: int = setting(
         500,
         "Results per search page (Flickr's maximum is 500).",
+        ge=1,
+        le=500,
     )
     extras: list[str] = setting(
         [
@@ -141,30 +271,37 @@ class FetchConfig:
     sizes: list[str] = setting(
         ["url_z", "url_m", "url_l"],
         "Image renditions to download, in order of preference; the first one a photo has wins (they are asked of the search as extras too).",
+        min_items=1,
     )
     licenses: list[int] = setting(
         [],
         "Only photos under these licence ids (e.g. 1,2,4,5,9,10 for CC and public domain); empty: any.",
+        ge=0,
+        le=99,
     )
     calls_per_hour: int = setting(
         3600,
         "API call budget per key (a token bucket); Flickr's documented quota is 3,600.",
         shapes_output=False,
+        gt=0,
     )
     calls_burst: int = setting(
         10,
         "Most API calls made back to back before the hourly rate applies (the bucket's size).",
         shapes_output=False,
+        gt=0,
     )
     api_timeout: float = setting(
         60.0,
         "Seconds to wait for one API response.",
         shapes_output=False,
+        gt=0,
     )
     api_retries: int = setting(
         8,
         "Retries of an API call after a transient failure (429, 5xx, timeout, codes 10/105/201).",
         shapes_output=False,
+        ge=0,
     )
 
     # --- the image downloader ---
@@ -172,26 +309,31 @@ class FetchConfig:
         32,
         "Image downloads in flight at once (threads sharing pooled HTTP connections).",
         shapes_output=False,
+        gt=0,
     )
     download_timeout: float = setting(
         30.0,
         "Seconds to wait for an image server to connect or to send more bytes.",
         shapes_output=False,
+        gt=0,
     )
     download_retries: int = setting(
         8,
         "Retries of an image download after a transient failure (429, 5xx, timeout, reset).",
         shapes_output=False,
+        ge=0,
     )
     backoff_base: float = setting(
         0.5,
         "Nominal first retry delay in seconds, doubled on each retry; each delay is drawn between half and all of its nominal value (jitter).",
         shapes_output=False,
+        ge=0,
     )
     backoff_max: float = setting(
         60.0,
         "Longest retry delay in seconds.",
         shapes_output=False,
+        ge=0,
     )
     allowed_hosts: list[str] = setting(
         ["*.staticflickr.com"],
@@ -200,105 +342,99 @@ class FetchConfig:
     min_side: int = setting(
         32,
         "Images narrower or lower than this many pixels are rejected (`too_small`).",
+        gt=0,
     )
     max_pixels: int = setting(
         40_000_000,
         "Images with more pixels are rejected before decoding (`too_many_pixels`).",
+        gt=0,
     )
     max_bytes: int = setting(
         30_000_000,
         "Images larger than this many bytes are rejected (`too_large`).",
+        gt=0,
     )
     decode_pixels: int = setting(
         0,
         "Most pixels that the download threads decode at once, together (about 4 bytes each; an image larger than this is decoded alone); 0: max_pixels, one of the largest images at a time.",
         shapes_output=False,
+        ge=0,
     )
     max_side: int = setting(
         0,
         "Downscale images whose longer side exceeds this many pixels before storing them (JPEG); 0 stores the served file unchanged.",
+        ge=0,
     )
     jpeg_quality: int = setting(
         90,
         "JPEG quality of images downscaled at download time.",
+        ge=1,
+        le=100,
     )
     part_size: int = setting(
         1000,
         "Photos per metadata part file and per image folder (`images/{part:05d}/`).",
+        gt=0,
     )
 
     def validate(self) -> None:
-        _check(
+        self.require(
+            "api_url",
             self.api_url.startswith(("http://", "https://")),
-            "fetch.api_url",
             f"must be an http(s) URL, got {self.api_url!r}",
         )
-        _check(self.per_anp > 0, "fetch.per_anp", "must be positive")
-        _check(1 <= self.per_page <= 500, "fetch.per_page", "must be between 1 and 500")
-        _check(self.calls_per_hour > 0, "fetch.calls_per_hour", "must be positive")
-        _check(self.calls_burst > 0, "fetch.calls_burst", "must be positive")
-        _check(self.api_timeout > 0, "fetch.api_timeout", "must be positive")
-        _check(self.api_retries >= 0, "fetch.api_retries", "must not be negative")
-        _check(bool(self.sizes), "fetch.sizes", "must name at least one size (e.g. url_z)")
         for i, size in enumerate(self.sizes):
-            _check(
+            self.require(
+                f"sizes[{i}]",
                 size.startswith("url_"),
-                f"fetch.sizes[{i}]",
                 f"{size!r} is not a size extra (url_m, url_z, url_l, ...)",
             )
-        _check(
-            all(0 <= lic <= 99 for lic in self.licenses), "fetch.licenses", "must be licence ids"
-        )
-        _check(self.download_concurrency > 0, "fetch.download_concurrency", "must be positive")
-        _check(self.download_timeout > 0, "fetch.download_timeout", "must be positive")
-        _check(self.download_retries >= 0, "fetch.download_retries", "must not be negative")
-        _check(self.backoff_base >= 0, "fetch.backoff_base", "must not be negative")
-        _check(
+        self.require(
+            "backoff_max",
             self.backoff_max >= self.backoff_base,
-            "fetch.backoff_max",
             "must be at least fetch.backoff_base",
         )
-        _check(self.min_side > 0, "fetch.min_side", "must be positive")
-        _check(self.max_pixels > 0, "fetch.max_pixels", "must be positive")
-        _check(self.max_bytes > 0, "fetch.max_bytes", "must be positive")
-        _check(self.decode_pixels >= 0, "fetch.decode_pixels", "must not be negative")
-        _check(self.max_side >= 0, "fetch.max_side", "must not be negative (0: no downscaling)")
-        _check(
+        self.require(
+            "max_side",
             self.max_side == 0 or self.max_side >= self.min_side,
-            "fetch.max_side",
-            f"must be at least fetch.min_side ({self.min_side}) or 0",
+            f"must be at least fetch.min_side ({self.min_side}) or 0 (no downscaling)",
         )
-        _check(1 <= self.jpeg_quality <= 100, "fetch.jpeg_quality", "must be between 1 and 100")
-        _check(self.part_size > 0, "fetch.part_size", "must be positive")
-        _check(
+        self.require(
+            "image_store",
             not self.image_store
             or "://" in self.image_store
             or Path(self.image_store).is_absolute(),
-            "fetch.image_store",
             f"must be empty, an fsspec URL (s3://bucket/prefix) or an absolute path, got"
             f" {self.image_store!r}",
         )
 
 
 @dataclass
-class FilterConfig:
+class FilterConfig(Section):
     """The paper's filtering rules and the train/test split."""
+
+    name: ClassVar[str] = "filter"
 
     min_words: int = setting(
         5,
         "Fewest words a kept photo's text may have (inclusive).",
+        ge=0,
     )
     max_words: int = setting(
         150,
         "Most words a kept photo's text may have (inclusive).",
+        ge=0,
     )
     text_fields: list[Literal["title", "description", "tags"]] = setting(
         ["description"],
         "Fields joined into a photo's text; the paper uses the description alone.",
+        min_items=1,
     )
     test_fraction: float = setting(
         0.2,
         "Share of split groups (photos, or owners with group_by = owner) that go to the test split.",
+        gt=0,
+        le=1,
     )
     seed: int = setting(
         2017,
@@ -320,40 +456,44 @@ class FilterConfig:
         0,
         "Processes counting words; 0: one per core.",
         shapes_output=False,
+        ge=0,
     )
 
     def validate(self) -> None:
-        _check(self.min_words >= 0, "filter.min_words", "must not be negative")
-        _check(
+        self.require(
+            "max_words",
             self.min_words <= self.max_words,
-            "filter.max_words",
             f"must be at least filter.min_words ({self.max_words} < {self.min_words})",
         )
-        _check(0.0 < self.test_fraction <= 1.0, "filter.test_fraction", "must be in (0, 1]")
-        _check(bool(self.text_fields), "filter.text_fields", "must name at least one field")
-        _check(self.workers >= 0, "filter.workers", "must not be negative")
 
 
 @dataclass
-class ShardConfig:
+class ShardConfig(Section):
     """How ``vsotools shard`` writes WebDataset tar shards."""
+
+    name: ClassVar[str] = "shard"
 
     image_size: int = setting(
         256,
         "Shorter side of the re-encoded JPEG; training takes random crops of `train.crop_size`.",
+        gt=0,
     )
     quality: int = setting(
         90,
         "JPEG quality of the re-encoded images.",
+        ge=1,
+        le=100,
     )
     maxcount: int = setting(
         2000,
         "Most samples per shard.",
+        gt=0,
     )
     maxsize: int = setting(
         512_000_000,
         "Most bytes per shard. Shards are planned from the size of a sample of re-encoded images (plus a margin), so a shard exceeds it only when its images encode much larger than that.",
         unit="bytes",
+        gt=0,
     )
     seed: int = setting(
         2017,
@@ -362,35 +502,33 @@ class ShardConfig:
     readers: int = setting(
         8,
         "Loader processes that read the train split at once (nodes x processes per node x data-loader workers). The train split is cut into at least this many shards, so that each reader gets one; a split with fewer samples than readers is warned about.",
+        gt=0,
     )
     max_skipped: float = setting(
         0.01,
         "Largest fraction of photos whose image may be missing or undecodable: those are left out and listed in the manifest. Beyond it the run fails before writing the manifest.",
         shapes_output=False,
+        ge=0,
+        le=1,
     )
     workers: int = setting(
         2,
         "Processes writing shards in parallel.",
         shapes_output=False,
+        gt=0,
     )
-
-    def validate(self) -> None:
-        _check(self.image_size > 0, "shard.image_size", "must be positive")
-        _check(1 <= self.quality <= 100, "shard.quality", "must be between 1 and 100")
-        _check(self.maxcount > 0, "shard.maxcount", "must be positive")
-        _check(self.maxsize > 0, "shard.maxsize", "must be positive")
-        _check(self.readers > 0, "shard.readers", "must be positive")
-        _check(0.0 <= self.max_skipped <= 1.0, "shard.max_skipped", "must be in [0, 1]")
-        _check(self.workers > 0, "shard.workers", "must be positive")
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     """How ``vsotools run`` chains the stages and which models it trains on the same shards."""
+
+    name: ClassVar[str] = "run"
 
     models: list[Literal["fusion", "text", "image"]] = setting(
         ["fusion"],
         "Models to train and compare; `text` and `image` are the paper's ST and SV baselines.",
+        min_items=1,
     )
     fusion_from_branches: bool = setting(
         False,
@@ -410,29 +548,30 @@ class RunConfig:
     )
 
     def validate(self) -> None:
-        _check(bool(self.models), "run.models", "must name at least one model")
-        _check(len(set(self.models)) == len(self.models), "run.models", "names a model twice")
-        _check(
+        self.require("models", len(set(self.models)) == len(self.models), "names a model twice")
+        self.require(
+            "fusion_from_branches",
             not self.fusion_from_branches or {"text", "image"} <= set(self.models),
-            "run.fusion_from_branches",
             "needs run.models to include text and image",
         )
         for model in ("fusion", "text", "image"):
             for assignment in getattr(self, f"{model}_set"):
-                _check(
+                self.require(
+                    f"{model}_set",
                     assignment.startswith("train.") and "=" in assignment,
-                    f"run.{model}_set",
                     f"{assignment!r} is not a train.KEY=VALUE override",
                 )
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """The deep fusion CNN, its baselines and the training schedule (paper defaults).
 
     Settings marked *off by default* are not in the paper; they exist for small, hard datasets
     (class imbalance, a few thousand samples) and leave the paper's setup unchanged when unset.
     """
+
+    name: ClassVar[str] = "train"
 
     model: Literal["fusion", "text", "image"] = setting(
         "fusion",
@@ -441,26 +580,33 @@ class TrainConfig:
     batch_size: int = setting(
         100,
         "Samples per optimizer step in each training process.",
+        gt=0,
     )
     lr: float = setting(
         1e-4,
         "Adam learning rate at step 0.",
+        gt=0,
     )
     lr_decay: float = setting(
         0.96,
         "Factor applied to the learning rate every lr_decay_steps steps.",
+        gt=0,
+        le=1,
     )
     lr_decay_steps: int = setting(
         3000,
         "Staircase decay: lr * lr_decay ** (step // lr_decay_steps).",
+        gt=0,
     )
     weight_decay: float = setting(
         0.0,
         "Adam's L2 penalty (off by default).",
+        ge=0,
     )
     epochs: int = setting(
         10,
         "Passes over the train split (each a fixed number of steps).",
+        gt=0,
     )
     seed: int = setting(
         2017,
@@ -488,6 +634,7 @@ class TrainConfig:
     text_max_tokens: int = setting(
         128,
         "MiniLM only: the most subword tokens read of a text, [CLS] and [SEP] included.",
+        ge=3,
     )
     frozen_branches: list[Literal["text", "image"]] = setting(
         [],
@@ -496,6 +643,7 @@ class TrainConfig:
     encoder_lr: float = setting(
         0.0,
         "Learning rate at step 0 of the pretrained encoders when they are trained; 0: train.lr. The head and the paper's networks use train.lr.",
+        ge=0,
     )
     features_dir: str = setting(
         "",
@@ -508,18 +656,23 @@ class TrainConfig:
     word_dim: int = setting(
         200,
         "Size of the static word2vec vectors.",
+        gt=0,
     )
     max_words: int = setting(
         150,
         "Texts are cut to this many tokens (a batch is padded to its longest text).",
+        gt=0,
     )
     filter_widths: list[int] = setting(
         [3, 4, 5],
         "Widths, in words, of the text CNN's filters.",
+        gt=0,
+        min_items=1,
     )
     num_filters: int = setting(
         100,
         "Filters per width in the text CNN.",
+        gt=0,
     )
     lowercase: bool = setting(
         True,
@@ -541,18 +694,22 @@ class TrainConfig:
     w2v_window: int = setting(
         5,
         "Word2Vec's context window, in words (when no word_vectors file is given).",
+        gt=0,
     )
     w2v_min_count: int = setting(
         1,
         "Words seen fewer times in the training texts get no vector of their own (they map to <unk>).",
+        gt=0,
     )
     w2v_epochs: int = setting(
         5,
         "Word2Vec's passes over the training texts.",
+        gt=0,
     )
     oov_scale: float = setting(
         0.25,
         "Words without a vector get one drawn uniformly from [-oov_scale, oov_scale] (Kim 2014).",
+        ge=0,
     )
     tune_vectors: bool = setting(
         False,
@@ -561,16 +718,21 @@ class TrainConfig:
     drop_components: int = setting(
         0,
         'Off by default (0). k > 0: subtract the mean word vector, remove the top k principal directions ("all-but-the-top", Mu and Viswanath 2018) and scale the vectors to the spread of the random ones. word2vec trained on a few thousand short texts gives nearly parallel vectors (cosine about 0.99) that the CNN cannot tell apart; k = 3 separates them.',
+        ge=0,
     )
 
     # --- the image branch (AlexNet-like) ---
     crop_size: int = setting(
         224,
         "Side of the square crop the image branch sees (at least 63 for the AlexNet-like branch).",
+        ge=32,
     )
     conv_channels: list[int] = setting(
         [96, 256, 384, 384, 256],
         "Output channels of the five convolutional layers (AlexNet's widths).",
+        gt=0,
+        min_items=5,
+        max_items=5,
     )
     lrn: bool = setting(
         True,
@@ -583,24 +745,33 @@ class TrainConfig:
     scale_jitter: float = setting(
         0.0,
         "Off by default. Training crops of side crop_size * U(1 - j, 1 + j), resized to crop_size.",
+        ge=0,
+        lt=1,
     )
     color_jitter: float = setting(
         0.0,
         "Off by default. Brightness, contrast and saturation each scaled by U(1 - j, 1 + j).",
+        ge=0,
+        lt=1,
     )
 
     # --- the head ---
     fc_sizes: list[int] = setting(
         [4096, 4096],
         "Hidden fully connected layers before the 2-way output (three FC layers in all).",
+        gt=0,
     )
     dropout: float = setting(
         0.5,
         "Dropout before each fully connected layer.",
+        ge=0,
+        lt=1,
     )
     modality_dropout: float = setting(
         0.0,
         "Off by default. Fusion only: in training, each sample loses its text features with this probability, or else its image features with the same probability (never both), so the head learns to use each branch alone too (ModDrop, Neverova et al. 2015).",
+        ge=0,
+        le=0.5,
     )
 
     # --- the loss, model selection and warm starts (off by default) ---
@@ -611,6 +782,8 @@ class TrainConfig:
     val_fraction: float = setting(
         0.0,
         "Share of the train split held out for validation, chosen by a hash of the sample key.",
+        ge=0,
+        lt=1,
     )
     select: Literal["last", "val_loss", "val_accuracy", "val_macro_f1"] = setting(
         "last",
@@ -619,6 +792,7 @@ class TrainConfig:
     patience: int = setting(
         0,
         "Stop after this many epochs without a better validation `select` metric (0: never).",
+        ge=0,
     )
     init_text: str = setting(
         "",
@@ -633,6 +807,7 @@ class TrainConfig:
     freeze_branches_epochs: int = setting(
         0,
         "Train only the head for this many epochs, then everything.",
+        ge=0,
     )
 
     # --- the machine ---
@@ -640,10 +815,12 @@ class TrainConfig:
         4,
         "Data loader processes per training process.",
         shapes_output=False,
+        ge=0,
     )
     shuffle_buffer: int = setting(
         1000,
         "Samples held by each loader worker to shuffle the stream (0: no sample shuffle).",
+        ge=0,
     )
     device: Literal["auto", "cpu", "cuda"] = setting(
         "auto",
@@ -667,85 +844,43 @@ class TrainConfig:
     )
 
     def validate(self) -> None:
-        _check(self.batch_size > 0, "train.batch_size", "must be positive")
-        _check(self.lr > 0, "train.lr", "must be positive")
-        _check(0.0 < self.lr_decay <= 1.0, "train.lr_decay", "must be in (0, 1]")
-        _check(self.lr_decay_steps > 0, "train.lr_decay_steps", "must be positive")
-        _check(self.weight_decay >= 0, "train.weight_decay", "must not be negative")
-        _check(self.epochs > 0, "train.epochs", "must be positive")
-        _check(self.word_dim > 0, "train.word_dim", "must be positive")
-        _check(self.max_words > 0, "train.max_words", "must be positive")
-        _check(
-            bool(self.filter_widths) and all(w > 0 for w in self.filter_widths),
-            "train.filter_widths",
-            "must be a non-empty list of positive widths",
+        widest = max(self.filter_widths, default=0)
+        self.require(
+            "max_words", self.max_words >= widest, f"must be at least the widest filter ({widest})"
         )
-        _check(
-            self.max_words >= max(self.filter_widths, default=0),
-            "train.max_words",
-            f"must be at least the widest filter ({max(self.filter_widths, default=0)})",
-        )
-        _check(self.num_filters > 0, "train.num_filters", "must be positive")
-        _check(self.w2v_window > 0, "train.w2v_window", "must be positive")
-        _check(self.w2v_min_count > 0, "train.w2v_min_count", "must be positive")
-        _check(self.w2v_epochs > 0, "train.w2v_epochs", "must be positive")
-        _check(self.oov_scale >= 0, "train.oov_scale", "must not be negative")
-        _check(self.drop_components >= 0, "train.drop_components", "must not be negative")
-        _check(
+        self.require(
+            "crop_size",
             self.crop_size >= 63 or self.image_encoder != "alexnet",
-            "train.crop_size",
             "must be at least 63 (AlexNet's pooling)",
         )
-        _check(self.crop_size >= 32, "train.crop_size", "must be at least 32")
-        _check(self.text_max_tokens >= 3, "train.text_max_tokens", "must be at least 3")
-        _check(self.encoder_lr >= 0, "train.encoder_lr", "must not be negative")
-        _check(
+        self.require(
+            "frozen_branches",
             len(set(self.frozen_branches)) == len(self.frozen_branches),
-            "train.frozen_branches",
             "names a branch twice",
         )
-        _check(
-            len(self.conv_channels) == 5 and all(c > 0 for c in self.conv_channels),
-            "train.conv_channels",
-            "must be five positive widths",
-        )
-        _check(0.0 <= self.scale_jitter < 1.0, "train.scale_jitter", "must be in [0, 1)")
-        _check(0.0 <= self.color_jitter < 1.0, "train.color_jitter", "must be in [0, 1)")
-        _check(all(s > 0 for s in self.fc_sizes), "train.fc_sizes", "must be positive widths")
-        _check(0.0 <= self.dropout < 1.0, "train.dropout", "must be in [0, 1)")
-        _check(0.0 <= self.modality_dropout <= 0.5, "train.modality_dropout", "must be in [0, 0.5]")
-        _check(0.0 <= self.val_fraction < 1.0, "train.val_fraction", "must be in [0, 1)")
-        _check(
+        self.require(
+            "select",
             self.select == "last" or self.val_fraction > 0,
-            "train.select",
             f"{self.select!r} needs a validation split (set train.val_fraction)",
         )
-        _check(self.patience >= 0, "train.patience", "must not be negative")
-        _check(
+        self.require(
+            "patience",
             self.patience == 0 or self.select != "last",
-            "train.patience",
             "early stopping needs train.select to name a validation metric",
         )
-        _check(
-            not self.init_text or self.model == "fusion" or self.model == "text",
-            "train.init_text",
-            f"a {self.model} model has no text branch",
-        )
-        _check(
-            not self.init_image or self.model == "fusion" or self.model == "image",
-            "train.init_image",
-            f"a {self.model} model has no image branch",
-        )
-        _check(
-            self.freeze_branches_epochs >= 0, "train.freeze_branches_epochs", "must not be negative"
-        )
-        _check(self.workers >= 0, "train.workers", "must not be negative")
-        _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", "must not be negative")
+        for name in ("text", "image"):
+            self.require(
+                f"init_{name}",
+                not getattr(self, f"init_{name}") or self.model in ("fusion", name),
+                f"a {self.model} model has no {name} branch",
+            )
 
 
 @dataclass
-class EngineConfig:
+class EngineConfig(Section):
     """Where the data stages run their parts: this machine, or a Ray cluster (``core.engine``)."""
+
+    name: ClassVar[str] = "engine"
 
     kind: Literal["local", "ray"] = setting(
         "local",
@@ -760,9 +895,9 @@ class EngineConfig:
 
     def validate(self) -> None:
         address = self.ray_address
-        _check(
+        self.require(
+            "ray_address",
             address in ("", "auto") or bool(_RAY_ADDRESS.match(address)),
-            "engine.ray_address",
             f"expected auto, HOST:PORT or ray://HOST:PORT, got {address!r}",
         )
 
@@ -795,6 +930,7 @@ class Recipe:
             " digit",
         )
         for section in _sections(self):
+            getattr(self, section).check_bounds()
             getattr(self, section).validate()
 
     def override(self, values: Mapping[str, Any], base_dir: Path | None = None) -> Recipe:
@@ -993,7 +1129,10 @@ def _sections(recipe: Recipe) -> list[str]:
 
 
 def _field_types(obj: Any) -> dict[str, Any]:
-    return typing.get_type_hints(type(obj))
+    """The declared type of each field (class variables such as a section's ``name`` are not
+    settings)."""
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
 
 
 def _is_path(obj: Any, key: str) -> bool:
