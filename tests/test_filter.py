@@ -338,3 +338,16 @@ def test_a_rerun_on_the_same_records_is_a_no_op_and_new_records_are_filtered(
     _filter(cli, data, "--manifest", manifest)
     after = _kept(data)["label"]
     assert len(after) == len(before) > 0 and (after == 1 - before).all()
+
+
+def test_the_split_follows_its_seed_and_its_fraction():
+    keys = [f"photo-{i}" for i in range(2_000)]
+    first = [filtering.split_of(k, 2017, 0.2) for k in keys]
+    assert first == [filtering.split_of(k, 2017, 0.2) for k in keys]
+    assert 0.17 < first.count("test") / len(keys) < 0.23
+    other = [filtering.split_of(k, 2018, 0.2) for k in keys]
+    moved = sum(a != b for a, b in zip(first, other, strict=True))
+    assert moved > 0.2 * len(keys), "another seed must give another split"
+    # A photo in test at a fraction stays in test at a larger one.
+    wider = [filtering.split_of(k, 2017, 0.3) for k in keys]
+    assert all(w == "test" for f, w in zip(first, wider, strict=True) if f == "test")

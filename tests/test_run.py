@@ -84,6 +84,7 @@ def finished(pairs_recipe, tmp_path_factory):
     return workdir, done.stdout
 
 
+@pytest.mark.slow
 def test_every_stage_runs_and_branches_train_before_fusion(finished):
     _, stdout = finished
     assert stdout.startswith("plan:\n  fetch ")
@@ -96,6 +97,7 @@ def test_every_stage_runs_and_branches_train_before_fusion(finished):
     assert "Deep fusion CNN" in stdout and "Text CNN (ST)" in stdout
 
 
+@pytest.mark.slow
 def test_each_model_gets_its_own_settings(finished):
     workdir, _ = finished
     epochs = {
@@ -111,6 +113,7 @@ def test_each_model_gets_its_own_settings(finished):
     assert fusion.freeze_branches_epochs == 1
 
 
+@pytest.mark.slow
 def test_the_fusion_starts_from_the_trained_branches(finished):
     workdir, _ = finished
     text = load_checkpoint(workdir / "train-text" / "checkpoint.pt")
@@ -118,6 +121,7 @@ def test_the_fusion_starts_from_the_trained_branches(finished):
     assert fusion["vocab"] == text["vocab"], "the fusion reads with the text run's vocabulary"
 
 
+@pytest.mark.slow
 def test_a_second_run_does_no_work_and_says_so(pairs_recipe, finished, cli):
     workdir, _ = finished
     stamps = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
@@ -130,6 +134,7 @@ def test_a_second_run_does_no_work_and_says_so(pairs_recipe, finished, cli):
     assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()} == stamps
 
 
+@pytest.mark.slow
 def test_checkpoints_evaluate_on_a_held_out_pairs_file(pairs_recipe, finished, cli, tmp_path):
     """How a team checks a recipe on pairs it has never seen: every pair into test, then evaluate."""
     workdir, _ = finished
@@ -226,6 +231,7 @@ def image_host(images: dict[str, bytes], missing: set[str]):
         server.server_close()
 
 
+@pytest.mark.slow
 def test_new_images_and_edited_inputs_reach_every_stage(cli, tmp_path):
     """Bug: after `fetch --retry-failed` brought more images, `run` skipped filter (it compared
     only recipe sections), so the filter and the shards silently stayed at the old data; the
@@ -324,6 +330,7 @@ def test_a_model_set_may_undo_what_train_gives_every_model(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_a_stale_training_is_kept_until_its_replacement_has_finished(pairs_recipe, tmp_path):
     """run trains a stale model again beside the old one (train-MODEL.next) and swaps them only
     once the new one has finished: a rerun killed midway loses nothing."""
@@ -365,6 +372,7 @@ def test_a_stale_training_is_kept_until_its_replacement_has_finished(pairs_recip
     assert not (work / "train-text.replaced").exists()
 
 
+@pytest.mark.slow
 def test_a_report_page_that_is_gone_is_written_again(pairs_recipe, finished, cli):
     workdir, _ = finished
     (workdir / "train-image" / "report.html").unlink()

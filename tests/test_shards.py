@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -43,6 +44,7 @@ from vsotools.core.schema import (
     SAMPLE_TEXT,
     sample_key,
 )
+from vsotools.core.storage import Location
 from vsotools.dataset.folder import DatasetFolder
 from vsotools.shards import plan
 from vsotools.shards.manifest import MANIFEST_NAME, read_manifest, shard_urls
@@ -117,6 +119,40 @@ def test_shard_counts_and_balanced_cuts():
     assert [len(r) for r in runs] == [10] * 5 + [9] * 5
     assert [i for r in runs for i in r] == list(range(95))
     assert plan.cut_balanced([], 0) == []
+
+
+def test_a_shard_is_planned_with_room_for_the_end_of_the_archive():
+    """A tar ends in zero blocks padding it to a whole record (10 KiB): n samples of m bytes
+    make a file of up to n*m + RECORDSIZE bytes, and the plan keeps that room below maxsize."""
+    mean = 3_000.0
+    config = Recipe().shard
+    for n in (1, 7, 40):
+        fits = dataclasses.replace(config, maxsize=int(n * mean) + tarfile.RECORDSIZE)
+        assert plan.samples_per_shard(fits, mean, 0.0) == n
+        short = dataclasses.replace(config, maxsize=int(n * mean) + tarfile.RECORDSIZE - 1)
+        assert plan.samples_per_shard(short, mean, 0.0) == max(1, n - 1)
+    # What the room is for: the archive's own end, on top of its members' bytes.
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for i in range(7):
+            info = tarfile.TarInfo(f"{i:04d}.jpg")
+            info.size = 3_000 - 512  # one header block and the data: about 3,000 bytes a sample
+            tar.addfile(info, io.BytesIO(bytes(info.size)))
+    members = 7 * (512 + (3_000 - 512 + 511) // 512 * 512)
+    assert members < len(buffer.getvalue()) <= members + tarfile.RECORDSIZE
+
+
+def test_a_shard_over_maxsize_and_only_over_it_is_warned_about(tmp_path):
+    from vsotools.shards.manifest import ShardInfo, ShardManifest
+    from vsotools.shards.stage import _report
+
+    def warnings(bytes_: int) -> list[str]:
+        info = ShardInfo("train-000000.tar", 10, bytes_, "0" * 64, {"positive": 10})
+        build = {"settings": {"maxsize": 5_000, "readers": 1}}
+        return _report(Location(tmp_path), ShardManifest({"train": [info]}, build=build)).warnings
+
+    assert warnings(5_000) == []
+    assert warnings(5_001) == ["train-000000.tar has 5,001 bytes, over maxsize 5,000"]
 
 
 # --- a written set, read back -------------------------------------------------------------------

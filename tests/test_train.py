@@ -27,9 +27,6 @@ from vsotools.training.predict import predict
 from vsotools.training.state import Selection
 from vsotools.training.train import train
 
-pytestmark = pytest.mark.slow
-
-
 EMPTY_METRICS = dict(
     n=10, accuracy=0.5, precision=0.5, recall=0.5, f1=0.5, macro_f1=0.5, majority_rate=0.5,
     roc_auc=0.5, confusion=[[0, 0], [0, 0]],
@@ -59,6 +56,7 @@ def runs(shards, tmp_path_factory) -> dict[str, Path]:
     return {kind: root / kind for kind in ("text", "image", "fusion")}
 
 
+@pytest.mark.slow
 def test_training_reduces_the_loss_and_learns_the_signal(runs):
     for kind in ("image", "fusion"):
         lines = read_lines(runs[kind])
@@ -70,6 +68,7 @@ def test_training_reduces_the_loss_and_learns_the_signal(runs):
         assert final["accuracy"] > final["majority_rate"] + 0.15
 
 
+@pytest.mark.slow
 def test_epoch_lines_show_training_and_the_test_split_is_scored_once(runs):
     for line in read_lines(runs["fusion"]):
         for key in ("epoch", "step", "lr", "train_loss", "train_accuracy", "seconds",
@@ -82,6 +81,7 @@ def test_epoch_lines_show_training_and_the_test_split_is_scored_once(runs):
     assert {"accuracy", "macro_f1", "roc_auc", "confusion", "selected_epoch"} <= set(final)
 
 
+@pytest.mark.slow
 def test_the_run_folder_holds_recipe_vectors_and_a_weights_only_checkpoint(runs):
     run = runs["fusion"]
     assert {p.name for p in run.iterdir()} >= {
@@ -96,6 +96,7 @@ def test_the_run_folder_holds_recipe_vectors_and_a_weights_only_checkpoint(runs)
     assert ckpt.recipe_of(state).train.crop_size == 64
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_metrics_train_saved(runs, shards):
     saved = json.loads((runs["fusion"] / "metrics.json").read_text())
     report = evaluate(runs["fusion"] / "checkpoint.pt", shards, progress=False)
@@ -108,6 +109,7 @@ def test_evaluate_reproduces_the_metrics_train_saved(runs, shards):
     assert m.roc_auc == pytest.approx(saved["roc_auc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_command_text_and_json(cli, runs, shards):
     result = cli("evaluate", "--checkpoint", runs["image"] / "checkpoint.pt", "--shards", shards)
     assert result.code == 0, result.err
@@ -123,6 +125,7 @@ def test_evaluate_command_text_and_json(cli, runs, shards):
     assert data["n"] == 240 and data["split"] == "train"
 
 
+@pytest.mark.slow
 def test_evaluate_names_a_missing_checkpoint_or_split(cli, runs, shards, tmp_path):
     result = cli("evaluate", "--checkpoint", tmp_path / "nope.pt", "--shards", shards)
     assert result.code == 1 and "checkpoint not found" in result.err
@@ -136,6 +139,7 @@ def test_evaluate_names_a_missing_checkpoint_or_split(cli, runs, shards, tmp_pat
     assert result.code == 1 and "no 'val' split" in result.err
 
 
+@pytest.mark.slow
 def test_predict_reads_what_each_model_reads_and_gets_clear_cases_right(cli, runs, tmp_path):
     import random
 
@@ -174,6 +178,7 @@ def test_predict_reads_what_each_model_reads_and_gets_clear_cases_right(cli, run
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_overwritten_and_resume_refuses_another_recipe(runs, shards, cli):
     with pytest.raises(ExistingOutput, match="already holds a training") as refused:
         train(recipe(model="text", epochs=3), shards, runs["text"], progress=False)
@@ -185,6 +190,7 @@ def test_a_finished_run_is_not_overwritten_and_resume_refuses_another_recipe(run
         train(recipe(model="text", lr=0.01), shards, runs["text"], resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_train_command_prints_the_table_row(cli, shards, tmp_path):
     result = cli("train", "--shards", shards, "--out", tmp_path / "run", "--model", "text",
                  *tiny_set_arguments(), "--epochs", "1")  # fmt: skip
@@ -203,6 +209,7 @@ def test_too_few_shards_for_the_workers_is_a_clear_error(cli, shards, tmp_path):
         train(recipe(workers=5), shards, tmp_path / "run2", progress=False)
 
 
+@pytest.mark.slow
 def test_warm_start_from_branch_checkpoints_with_frozen_branches(runs, shards, tmp_path):
     text_state = ckpt.load_checkpoint(runs["text"] / "checkpoint.pt")
     image_state = ckpt.load_checkpoint(runs["image"] / "checkpoint.pt")
@@ -230,6 +237,7 @@ def test_warm_start_from_branch_checkpoints_with_frozen_branches(runs, shards, t
     assert [r["frozen_branches"] for r in read_lines(tmp_path / "warm")] == [["image", "text"], []]
 
 
+@pytest.mark.slow
 def test_the_tweet_token_rule_travels_with_the_checkpoint(shards, tmp_path):
     train(recipe(model="text", epochs=1, tweet_tokens=True), shards, tmp_path / "t", progress=False)
     checkpoint = tmp_path / "t" / "checkpoint.pt"
@@ -261,6 +269,7 @@ def torchvision_alexnet_features(channels: list[int]) -> torch.nn.Sequential:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_image_branch_starts_from_torchvision_alexnet_weights(shards, tmp_path):
     channels = [8, 16, 16, 16, 16]
     torch.manual_seed(5)
@@ -296,12 +305,14 @@ def test_the_image_branch_starts_from_torchvision_alexnet_weights(shards, tmp_pa
         train(fusion, shards, tmp_path / "d", progress=False)
 
 
+@pytest.mark.slow
 def test_a_branch_from_a_model_without_it_is_refused(runs, shards, tmp_path):
     bad = recipe(model="fusion", init_image=str(runs["text"] / "checkpoint.pt"))
     with pytest.raises(ConfigError, match="holds a text model, which has no image branch"):
         train(bad, shards, tmp_path / "bad", progress=False)
 
 
+@pytest.mark.slow
 def test_validation_carve_selects_the_best_epoch_and_stops_early(tmp_path):
     skewed = write_shard_set(tmp_path / "skewed", train=240, test=60, positive_rate=0.75, seed=4)
     settings = recipe(
@@ -345,6 +356,62 @@ def test_selection_keeps_the_best_epoch_and_stops_after_patience_epochs(
     assert stopped == stopped_after
 
 
+def test_selection_by_accuracy_keeps_the_highest():
+    selection = Selection("val_accuracy", patience=1)
+    kept = [selection.update(e, Metrics(loss=None, **{**EMPTY_METRICS, "accuracy": a}))
+            for e, a in enumerate([0.6, 0.7, 0.65], start=1)]  # fmt: skip
+    assert kept == [True, True, False] and selection.epoch == 2 and selection.stopped
+
+
+def test_a_resumed_training_counts_its_epochs_and_steps_on(shards, tmp_path):
+    run = tmp_path / "run"
+    first = train(recipe(model="text", epochs=1, workers=0), shards, run, progress=False)
+    assert (first.epochs, first.steps, first.resumed_after) == (1, 12, None)
+    more = train(
+        recipe(model="text", epochs=2, workers=0), shards, run, resume=True, progress=False
+    )
+    assert (more.epochs, more.steps, more.resumed_after) == (2, 24, 1)
+    assert [(r["epoch"], r["step"]) for r in read_lines(run)] == [(1, 12), (2, 24)]
+    assert ckpt.load_checkpoint(run / "last.pt")["scheduler"]["last_epoch"] == 24
+
+
+def test_a_checkpoint_is_built_from_the_train_state_and_restored_to_it():
+    """What a resumed training goes on from: weights, optimizer, schedule, the epoch and step
+    counters, the history and the selection, all as they were saved."""
+    from vsotools.training import branches
+    from vsotools.training.folder import EpochRecord
+    from vsotools.training.state import TrainState
+
+    config = recipe(model="image", select="val_loss", val_fraction=0.2, patience=3).train
+    torch.manual_seed(0)
+    model = branches.build(config, branches.Branches(None, None, None, None))
+    state = TrainState.start(model, config, frozenset())
+    images = torch.rand(4, 3, config.crop_size, config.crop_size)
+    for epoch in (1, 2):
+        for _ in range(3):
+            loss = model(images=images).logsumexp(dim=1).mean()
+            state.optimizer.zero_grad()
+            loss.backward()
+            state.optimizer.step()
+            state.scheduler.step()
+        val = Metrics(loss=1.0 / epoch, **EMPTY_METRICS)
+        state.record(EpochRecord(epoch, 3 * epoch, state.lr, 0.5, 0.5, 4, 1.0, 4.0, val=val))
+    saved = state.to_checkpoint(Recipe(), None, steps_per_epoch=3, world_size=1, shards="x")
+
+    torch.manual_seed(1)
+    fresh = TrainState.start(
+        branches.build(config, branches.Branches(None, None, None, None)), config, frozenset()
+    )
+    fresh.restore(saved, config)
+    assert (fresh.epoch, fresh.step, fresh.resumed_after) == (2, 6, 2)
+    assert fresh.history == state.history and fresh.selection == state.selection
+    assert fresh.scheduler.state_dict() == state.scheduler.state_dict()
+    for key, value in state.model.state_dict().items():
+        torch.testing.assert_close(fresh.model.state_dict()[key], value, msg=key)
+    assert str(fresh.optimizer.state_dict()) == str(state.optimizer.state_dict())
+
+
+@pytest.mark.slow
 def test_a_killed_run_resumes_where_its_checkpoint_left_off(shards, tmp_path, cli):
     run = tmp_path / "run"
     command = [*vsotools_command(), "-q", "train", "--shards", str(shards), "--out", str(run),
@@ -384,6 +451,7 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_off(shards, tmp_path, cl
         torch.testing.assert_close(resumed[key], value, msg=key)
 
 
+@pytest.mark.slow
 def test_torchrun_trains_on_two_cpu_processes_with_equal_steps(shards, tmp_path):
     run = tmp_path / "ddp"
     command = [
@@ -429,6 +497,7 @@ Path({out!r}).with_name(f"rank-{{report.rank}}.json").write_text(json.dumps(fini
 """
 
 
+@pytest.mark.slow
 def test_every_torchrun_rank_returns_once_the_training_folder_is_finished(shards, tmp_path):
     """A rank other than 0 used to return (and its process exit) while rank 0 was still writing
     the final record; gloo's threads could then still be releasing the last collective's tensors

@@ -214,4 +214,8 @@ def samples_per_shard(config: ShardConfig, mean: float, std: float) -> int:
     room = config.maxsize - tarfile.RECORDSIZE
     spread = SIZE_SPREAD * std
     root = (-spread + math.sqrt(spread * spread + 4 * mean * max(room, 0))) / (2 * mean)
-    return max(1, min(config.maxcount, math.floor(root * root)))
+    n = math.floor(root * root)
+    # The square of a square root can fall short of a whole number: take a count that fits.
+    while (n + 1) * mean + spread * math.sqrt(n + 1) <= room:
+        n += 1
+    return max(1, min(config.maxcount, n))
