@@ -142,3 +142,30 @@ def test_imports_go_down_the_floors(module):
         assert not target.startswith("vsotools.cli") or module.startswith("vsotools.cli"), (
             f"{module} imports the command line"
         )
+
+
+def test_module_paths_named_in_docstrings_and_docs_exist():
+    """A module moved or renamed leaves no docstring or page naming its old path."""
+    import re
+
+    root = PACKAGE.parent
+    modules = set(MODULES) | {m.rsplit(".", 1)[0] for m in MODULES}
+    named = re.compile(
+        r"``(vsotools(?:\.[a-z_]+)+)|`((?:core|fetch|dataset|shards|training|demo|cli)/[a-z_]+\.py)`"
+    )
+    files = [*PACKAGE.rglob("*.py"), *(root / "docs").glob("*.md"), root / "README.md"]
+    missing = []
+    for path in files:
+        for match in named.finditer(path.read_text(encoding="utf-8")):
+            dotted, relative = match.groups()
+            if relative is not None:
+                if not (PACKAGE / relative).exists():
+                    missing.append(f"{path.name}: {relative}")
+                continue
+            parts = dotted.split(".")
+            # vsotools.pkg.module, or vsotools.pkg.module.attribute
+            if not any(
+                ".".join(parts[:k]) in modules for k in {len(parts), max(2, len(parts) - 1)}
+            ):
+                missing.append(f"{path.name}: {dotted}")
+    assert not missing

@@ -177,7 +177,7 @@ class Section:
 
 @dataclass
 class AnpsConfig(Section):
-    """The ANP manifest and the labelling rule (see ``vsotools.anps.label_for_score``)."""
+    """The ANP manifest and the labelling rule (see ``vsotools.core.anps.label_for_score``)."""
 
     name: ClassVar[str] = "anps"
 

@@ -4,9 +4,9 @@ The rules, in order, each counted in the report:
 
 1. the image was fetched (``status == "ok"``);
 2. the text (the description, optionally with title and tags) has ``min_words`` to ``max_words``
-   words, bounds inclusive (``vsotools.text``);
+   words, bounds inclusive (``vsotools.core.text``);
 3. the label: for crawled photos each ANP that found the photo is labelled by the manifest rule
-   (``vsotools.anps.label_for_score``); a photo whose labelled ANPs disagree, or with no labelled
+   (``vsotools.core.anps.label_for_score``); a photo whose labelled ANPs disagree, or with no labelled
    ANP, is dropped. Pairs keep their given label; ``neutral`` is dropped (2-way task);
 4. duplicates: one photo is kept of each set with the same image bytes, and of each set posted by
    one owner with the same text (bulk uploads leak between train and test);

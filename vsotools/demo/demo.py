@@ -1,6 +1,6 @@
 """vsotools demo: the whole pipeline offline, on a corpus of its own, in a few minutes.
 
-``run_demo`` writes a synthetic Flickr corpus (``vsotools.corpus``: photos whose sentiment shows
+``run_demo`` writes a synthetic Flickr corpus (``vsotools.demo.corpus``: photos whose sentiment shows
 in the text, the image or both, found by the ANPs of ``manifests/demo-anps.csv``), serves it with
 the local Flickr-compatible server on 127.0.0.1, and runs the ``pipelines/demo.toml`` recipe
 against it through the real crawler, downloader, filter, sharder and trainer: the fusion model and

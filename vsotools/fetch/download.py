@@ -10,7 +10,7 @@ so the memory of decoding does not grow with the number of threads.
 Failure reasons (the ``error`` of a photo record): ``http_<status>`` (``http_404``, ``http_410``,
 ``http_429`` or ``http_5xx`` after the retries), ``timeout``, ``connection_error``, ``truncated``
 (the body ended early, or the image data is cut), ``bad_url``, ``host_not_allowed``,
-``too_many_redirects``, ``missing_file``, and the image rejections of ``vsotools.images``
+``too_many_redirects``, ``missing_file``, and the image rejections of ``vsotools.core.images``
 (``not_an_image``, ``too_small``, ``too_large``, ``too_many_pixels``, ``empty``).
 """
 

@@ -44,8 +44,9 @@ def tar_members(
 
     A small reader for the tars ``vsotools shard`` writes (Python's ``tarfile``) and other
     tools write: ustar headers with their checksum checked, pax ``path`` records and GNU long
-    names. It parses each header with a few slices instead of ``tarfile``'s general machinery,
-    which costs as much as decoding the JPEG (docs/performance.md). Members whose extension is
+    names. It parses each header with a few slices instead of ``tarfile``'s general machinery:
+    about 75 µs a sample against ``tarfile``'s 250, where decoding the sample's 256-pixel JPEG
+    takes about 600 (docs/performance.md, the tar reader). Members whose extension is
     in ``skip_extensions`` are skipped over and given as ``None``; other entries (folders,
     links) are skipped and reported. Raises ValueError or EOFError on a damaged stream.
     """

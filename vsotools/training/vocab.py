@@ -1,6 +1,6 @@
 """The text model's vocabulary and its static word vectors.
 
-Tokens are ``vsotools.text.tokenize`` tokens (optionally lower-cased, and optionally with tweet
+Tokens are ``vsotools.core.text.tokenize`` tokens (optionally lower-cased, and optionally with tweet
 mentions and hashtags normalised), so the vocabulary follows the same idea of a token as the word
 bounds of ``filter``. A ``Vocabulary`` maps tokens to ids: 0 is padding, 1 stands for every token
 outside the vocabulary. Word vectors are trained with gensim's Word2Vec on the training texts, or
