@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -212,15 +213,16 @@ class LocalEngine(Engine):
     ) -> Iterator[tuple[int, Task, Any]]:
         tasks = iter(tasks)
         first = list(_take(tasks, 2))
+        # The tasks are read as room frees up, never all at once: each may carry its input.
         if workers <= 1 or len(first) <= 1:
-            for index, task in enumerate([*first, *tasks]):
+            for index, task in enumerate(itertools.chain(first, tasks)):
                 tracker.start(task)
                 result = function(*shared, *task.args, functools.partial(tracker.add, task.key))
                 tracker.done(task.key)
                 self.nodes["local"] += 1
                 yield index, task, result
             return
-        yield from self._pool(function, [*first, *tasks], shared, workers, tracker)
+        yield from self._pool(function, itertools.chain(first, tasks), shared, workers, tracker)
 
     def _pool(
         self,
