@@ -281,3 +281,32 @@ def test_a_pairs_file_is_labelled_pair_by_pair_with_bad_rows_reported(cli, shard
         alone = predict(checkpoint, image=folder / line["image"], text=line["text"], device="cpu")
         assert row["label"] == alone.label
         assert row["positive_probability"] == pytest.approx(alone.positive_probability, abs=1e-5)
+
+
+def test_a_training_that_diverges_after_a_good_epoch_stops_and_keeps_that_epoch(
+    cli, shards, tmp_path
+):
+    # Epoch 1 trains the head alone (the encoder frozen) at a sane rate; epoch 2 unfreezes
+    # MiniLM at a learning rate of 1e30, and its loss turns NaN within a step or two.
+    run = tmp_path / "run"
+    settings = [
+        "--set", "train.model=text", "--set", "train.text_encoder=minilm",
+        "--set", "train.freeze_branches_epochs=1", "--set", "train.encoder_lr=1e30",
+        "--set", "train.epochs=2", "--set", "train.batch_size=16", "--set", "train.lr=1e-3",
+        "--set", "train.workers=1", "--set", "train.device=cpu",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "vsotools", "train", "--shards", str(shards), "--out", str(run),
+         *settings],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    error = done.stderr.splitlines()[-1]
+    assert error.startswith(f"vsotools: error: {run}: epoch 2, step ")
+    assert error.endswith(f"{run / 'last.pt'} keeps epoch 1")
+    # The last good epoch's checkpoints are whole and still score the test split.
+    assert ckpt.load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    again = cli("evaluate", "--checkpoint", run / "checkpoint.pt", "--shards", shards, "--json")
+    assert again.code == 0, again.err
+    assert json.loads(again.out)["n"] == 16

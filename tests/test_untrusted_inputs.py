@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -843,3 +844,59 @@ def test_a_file_that_breaks_its_parser_is_refused_in_one_line(cli, tmp_path, kin
     result = cli(*args)
     assert result.code == 1 and result.out == ""
     assert one_line_error(result.err).startswith(f"vsotools: error: {where}")
+
+
+# --- checkpoints that load but hold no usable model; text that is not UTF-8 -------------------
+
+
+def nan_weight(state: dict) -> None:
+    name = next(k for k in state["model"] if k.startswith("head.") and k.endswith("weight"))
+    state["model"][name][0, 0] = float("nan")
+
+
+def mis_shaped(state: dict) -> None:
+    name = next(k for k in state["model"] if k.endswith("weight"))
+    state["model"][name] = torch.zeros(3, 3)
+
+
+CHECKPOINT_DAMAGES = {
+    "NaN weights": (nan_weight, r"weight head\.\S+ holds NaN or infinite values"),
+    "an empty model": (lambda s: s.update(model={}), r"weights do not fit its text model"),
+    "a mis-shaped model": (mis_shaped, r"weights do not fit its text model"),
+    "no vocabulary": (lambda s: s.update(vocab=None), r"reads text but holds no vocabulary"),
+    "a recipe that is not TOML": (lambda s: s.update(recipe="[train"), r"recipe is unreadable"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", CHECKPOINT_DAMAGES)
+def test_a_checkpoint_that_loads_but_holds_no_usable_model_is_one_line(
+    checkpoints, sound_set, tmp_path, damage
+):
+    edit, expected = CHECKPOINT_DAMAGES[damage]
+    state = torch.load(checkpoints["text"], weights_only=True)
+    edit(state)
+    damaged_checkpoint = tmp_path / "damaged.pt"
+    torch.save(state, damaged_checkpoint)
+    for command in (
+        ["evaluate", "--checkpoint", damaged_checkpoint, "--shards", sound_set],
+        ["predict", "--checkpoint", damaged_checkpoint, "--text", "a happy sunny day"],
+    ):
+        # With a time limit: NaN scores once made evaluate's ROC AUC loop for ever.
+        done = run_vsotools(*command, timeout=120)
+        assert done.returncode == 1 and done.stdout == "", (command, done.stdout)
+        error = one_line_error(done.stderr)
+        assert error.startswith(f"vsotools: error: {damaged_checkpoint}: "), error
+        assert re.search(expected, error), error
+
+
+@pytest.mark.slow
+def test_predict_text_that_is_not_utf8_is_one_line(checkpoints):
+    # The command line hands bytes that are not UTF-8 to Python as lone surrogates.
+    command = [*vsotools_command(), "predict", "--checkpoint", str(checkpoints["text"])]
+    done = subprocess.run(
+        [*command, "--text", b"a happy caf\xe9 day"], capture_output=True, timeout=120
+    )
+    assert done.returncode == 1 and done.stdout == b""
+    error = one_line_error(done.stderr.decode("utf-8", "replace"))
+    assert "the text is not UTF-8" in error

@@ -311,6 +311,7 @@ def _train(
             steps=steps, desc=f"epoch {epoch + 1}/{config.epochs}", progress=show,
             frozen=frozen, features=features,
         )  # fmt: skip
+        stop_if_diverged(model, stats, epoch, step, folder)
         step += stats["steps"]
         # Per-rank step counts matter (and are shown) when several processes train.
         log.log(
@@ -723,6 +724,7 @@ def train_one_epoch(
     device = mover.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
+    diverged_at = torch.full((), -1, device=device, dtype=torch.int64)
     samples = 0
     done = 0
     started = time.perf_counter()
@@ -735,6 +737,7 @@ def train_one_epoch(
         with autocast(device, dtype):
             logits = model(**inputs)
         loss = criterion(logits.float(), labels)
+        diverged_at = _first_nonfinite(diverged_at, loss, done + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -753,16 +756,54 @@ def train_one_epoch(
                 lr=f"{scheduler.get_last_lr()[0]:.2e}",
             )
         bar.update()
+        if done % DIVERGENCE_CHECK_STEPS == 0 and diverged_at.item() >= 0:
+            break
     bar.close()
-    if done != steps:
+    first_nonfinite = int(diverged_at.item())
+    if done != steps and first_nonfinite < 0:
         raise VsoError(f"the loader gave {done} batches where the epoch has {steps} steps")
     return {
+        "diverged_at": first_nonfinite if first_nonfinite >= 0 else None,
         "steps": done,
         "samples": samples,
         "loss_sum": loss_sum.item(),
         "correct": int(correct.item()),
         "seconds": time.perf_counter() - started,
     }
+
+
+DIVERGENCE_CHECK_STEPS = 20
+"""Every this many steps the loop asks the device whether the loss is still a number: asking
+every step would wait for the GPU each time."""
+
+
+class TrainingDiverged(VsoError):
+    """The training loss, or the weights, stopped being numbers (NaN or infinite)."""
+
+
+def _first_nonfinite(diverged_at: torch.Tensor, loss: torch.Tensor, step: int) -> torch.Tensor:
+    """``step`` if it is the first whose ``loss`` is NaN or infinite, else ``diverged_at``
+    (-1 while every loss was a number); computed on the device, without waiting for it."""
+    first = (diverged_at < 0) & ~torch.isfinite(loss.detach())
+    return torch.where(first, torch.full_like(diverged_at, step), diverged_at)
+
+
+def stop_if_diverged(
+    model: nn.Module, stats: dict[str, Any], epoch: int, step: int, folder: TrainingFolder
+) -> None:
+    """Stop a training whose loss or weights are no longer numbers, before its weights are
+    evaluated or saved: the checkpoints of the last good epoch stay as they are. ``epoch`` and
+    ``step`` are those finished before this epoch."""
+    at = stats["diverged_at"]
+    if at is None and all(torch.isfinite(p).all() for p in model.parameters()):
+        return
+    where = f"step {step + at}" if at is not None else f"its last step ({step + stats['steps']})"
+    kept = f"{folder.last} keeps epoch {epoch}" if epoch else "no epoch finished, nothing was saved"
+    what = "the training loss" if at is not None else "the weights"
+    raise TrainingDiverged(
+        f"{folder}: epoch {epoch + 1}, {where}: {what} became NaN or infinite; the training"
+        f" diverged (a learning rate too high?) and stopped; {kept}"
+    )
 
 
 def evaluate(
