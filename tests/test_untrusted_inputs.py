@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -900,3 +901,93 @@ def test_predict_text_that_is_not_utf8_is_one_line(checkpoints):
     assert done.returncode == 1 and done.stdout == b""
     error = one_line_error(done.stderr.decode("utf-8", "replace"))
     assert "the text is not UTF-8" in error
+
+
+# --- outputs: never a device, a FIFO, a folder or an input -------------------------------------
+
+
+def special_outputs(folder: Path) -> dict[str, Path]:
+    """Paths holding what an output must not replace: a FIFO, a folder, a link to /dev/null and,
+    where this user may make one, a device node of its own (never the system's)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {"fifo": folder / "fifo", "folder": folder / "folder", "link": folder / "null-link"}
+    os.mkfifo(made["fifo"])
+    made["folder"].mkdir()
+    made["link"].symlink_to(os.devnull)
+    with contextlib.suppress(PermissionError):
+        os.mknod(folder / "device", 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # a null device
+        made["device"] = folder / "device"
+    return made
+
+
+def kind_of(path: Path) -> str:
+    mode = path.lstat().st_mode
+    return next(
+        name
+        for name, test in (
+            ("link", stat.S_ISLNK), ("fifo", stat.S_ISFIFO), ("folder", stat.S_ISDIR),
+            ("device", stat.S_ISCHR), ("file", stat.S_ISREG),
+        )
+        if test(mode)
+    )  # fmt: skip
+
+
+EXPECTED_KIND = {
+    "fifo": "a FIFO",
+    "folder": "a folder",
+    "link": "a character device",
+    "device": "a character device",
+}
+
+
+@pytest.mark.slow
+def test_predict_out_refuses_what_it_must_not_replace(checkpoints, tmp_path):
+    pairs = tmp_path / "posts" / "pairs.jsonl"
+    pairs.parent.mkdir()
+    pairs.write_text(json.dumps({"id": "a", "text": "a happy sunny day", "image": "a.jpg"}) + "\n")
+    checkpoint = Path(shutil.copy(checkpoints["text"], tmp_path / "model.pt"))
+    targets = special_outputs(tmp_path / "outs")
+    targets.update(pairs=pairs, checkpoint=checkpoint)
+    before = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in
+              (("pairs", pairs), ("checkpoint", checkpoint))}  # fmt: skip
+    for name, out in targets.items():
+        kind = kind_of(out)
+        done = run_vsotools(
+            "predict", "--checkpoint", checkpoint, "--pairs", pairs, "--out", out, timeout=120
+        )
+        assert done.returncode == 1 and done.stdout == "", (name, done.stdout)
+        error = one_line_error(done.stderr)
+        if name in ("pairs", "checkpoint"):
+            assert f"{out} is {out}, an input of this command" in error, error
+        else:
+            assert f"{out} is {EXPECTED_KIND[name]}, not a file" in error, error
+        assert error.endswith("; write to another --out"), error
+        assert kind_of(out) == kind, name
+    after = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in
+             (("pairs", pairs), ("checkpoint", checkpoint))}  # fmt: skip
+    assert after == before
+    assert sorted(p.name for p in pairs.parent.iterdir()) == ["pairs.jsonl"]  # no temporary left
+    ok = run_vsotools("predict", "--checkpoint", checkpoint, "--pairs", pairs, "--out",
+                      tmp_path / "labels.parquet", timeout=120)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_anps_import_out_refuses_what_it_must_not_replace(tmp_path):
+    release = tmp_path / "anps.txt"
+    release.write_text(
+        "1. beautiful [sentiment: 1.00] [#images: 9]\n\tbeautiful_sky [sentiment: 1.50] [#imgs: 9]\n"
+    )
+    source = release.read_bytes()
+    targets = special_outputs(tmp_path / "outs")
+    targets["release"] = release
+    for name, out in targets.items():
+        kind = kind_of(out)
+        done = run_vsotools("anps", "import", release, "--format", "vso", "--out", out, timeout=60)
+        assert done.returncode == 1 and done.stdout == "", (name, done.stdout)
+        error = one_line_error(done.stderr)
+        expected = "an input of this command" if name == "release" else EXPECTED_KIND[name]
+        assert f"{out} is " in error and expected in error, error
+        assert kind_of(out) == kind, name
+    assert release.read_bytes() == source
+    ok = run_vsotools("anps", "import", release, "--format", "vso", "--out", tmp_path / "a.csv")
+    assert ok.returncode == 0, ok.stderr

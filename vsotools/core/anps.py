@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from vsotools.core.errors import ManifestError
-from vsotools.core.files import atomic_open
+from vsotools.core.files import atomic_open, check_output_file
 from vsotools.core.schema import NEGATIVE, POSITIVE
 
 MANIFEST_HEADER = ("anp", "adjective", "noun", "sentiment")
@@ -241,6 +241,7 @@ def write_manifest(anps: Iterable[Anp], path: str | Path) -> int:
 
 def import_release(src: str | Path, format: ReleaseFormat, out: str | Path) -> list[Anp]:
     """Parse a release file and write it as a project manifest; returns the ANPs written."""
+    check_output_file(out, inputs=(src,))
     anps = read_release(src, format)
     write_manifest(anps, out)
     return anps

@@ -16,11 +16,11 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from vsotools.core.errors import VsoError
+from vsotools.core.errors import ExistingOutput, VsoError
 
 
 @contextlib.contextmanager
@@ -51,6 +51,40 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
         if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
             raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
+
+
+def check_output_file(path: str | Path, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse, before any work, an output file that ``atomic_open`` must not replace: a path
+    holding something other than a regular file (a FIFO, a device such as ``/dev/null``, a
+    folder, a socket; symbolic links followed), or the same file as one of the command's
+    ``inputs`` under any name. Raises ``ExistingOutput`` ("elsewhere")."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(info.st_mode):
+        raise ExistingOutput(
+            f"{path} is {_file_kind(info.st_mode)}, not a file this command may replace",
+            "elsewhere",
+        )
+    for source in inputs:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(info, os.stat(source)):
+                raise ExistingOutput(
+                    f"{path} is {source}, an input of this command; it would be overwritten",
+                    "elsewhere",
+                )
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 @functools.cache

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from vsotools.core.config import Recipe
 from vsotools.core.errors import VsoError
-from vsotools.core.files import atomic_open
+from vsotools.core.files import atomic_open, check_output_file
 from vsotools.core.text import clean_text
 from vsotools.fetch.download import Downloader, DownloadSettings, read_local_image
 from vsotools.fetch.pairs import BadRow, Pair, read_pairs_leniently
@@ -124,6 +124,7 @@ def predict_pairs(
     image or text cannot be used gets its reason in the ``error`` column, not a prediction.
     """
     pairs, out = Path(pairs), Path(out)
+    check_output_file(out, inputs=(checkpoint, pairs))
     model, recipe, reader = ckpt.load_model(checkpoint)
     target = distributed.resolve_device(device)
     model.to(target).eval()
