@@ -991,3 +991,51 @@ def test_anps_import_out_refuses_what_it_must_not_replace(tmp_path):
     assert release.read_bytes() == source
     ok = run_vsotools("anps", "import", release, "--format", "vso", "--out", tmp_path / "a.csv")
     assert ok.returncode == 0, ok.stderr
+
+
+# --- the lock file: never followed, never anything but a file ---------------------------------
+
+
+def lock_replacements(tmp_path: Path) -> dict[str, object]:
+    """Ways a copied folder's lock file may be something else; each puts it at a path."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own file, not to be cut to a process id\n")
+
+    def device(path: Path) -> None:
+        try:
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # a null device of its own
+        except PermissionError:
+            pytest.skip("this user may not make a device node")
+
+    return {
+        "a symbolic link": lambda path: path.symlink_to(victim),
+        "a dangling symbolic link": lambda path: path.symlink_to(tmp_path / "made-by-the-lock"),
+        "a folder": lambda path: path.mkdir(),
+        "a FIFO": os.mkfifo,
+        "a character device": device,
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind",
+    ["a symbolic link", "a dangling symbolic link", "a folder", "a FIFO", "a character device"],
+)
+def test_a_lock_file_that_is_not_a_file_is_refused_naming_it(tmp_path, kind):
+    pairs = write_pairs(tmp_path / "pairs" / "pairs.jsonl", {"a": "a.jpg"})
+    write_jpeg(pairs.parent / "a.jpg")
+    data = tmp_path / "data"
+    assert run_vsotools("fetch", "--pairs", pairs, "--out", data).returncode == 0
+    lock = data / LOCK_NAME
+    lock.unlink()
+    lock_replacements(tmp_path)[kind](lock)
+    before = file_digests(data)
+    victim = (tmp_path / "victim.txt").read_bytes()
+    result = run_vsotools("filter", data, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    error = one_line_error(result.stderr)
+    what = "a symbolic link" if "symbolic link" in kind else kind
+    assert error == f"vsotools: error: {lock} is {what}, not a lock file; remove it"
+    assert file_digests(data) == before and not (data / "filtered.parquet").exists()
+    assert (tmp_path / "victim.txt").read_bytes() == victim
+    assert not (tmp_path / "made-by-the-lock").exists()

@@ -8,6 +8,7 @@ A file written through ``atomic_open`` appears under its final name complete, or
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -171,6 +172,10 @@ class FolderBusy(VsoError):
     """Another process is writing the same output folder."""
 
 
+class LockFileError(VsoError):
+    """An output folder's lock file is something else: a symbolic link, a folder, a device."""
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     """Hold ``FOLDER/.vsotools.lock`` while writing ``folder``; refuse a second writer at once.
@@ -185,7 +190,7 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    fd = _open_lock_file(path)
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -205,6 +210,27 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
 
 
 _PID_WIDTH = 20
+
+
+def _open_lock_file(path: Path) -> int:
+    """The lock file, opened for writing, or ``UnsafeFile``: a symbolic link is not followed
+    (a folder copied from someone else could point it at any file of the user's, which the
+    writer would then cut to its process id), and a FIFO or a device is not used (opened
+    without blocking, so a FIFO cannot hang the command)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o666 & ~_umask())
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LockFileError(f"{path} is a symbolic link, not a lock file; remove it") from None
+        if exc.errno == errno.EISDIR:
+            raise LockFileError(f"{path} is a folder, not a lock file; remove it") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise LockFileError(f"{path} is {_file_kind(mode)}, not a lock file; remove it")
+    return fd
 
 
 def _lock_holder(fd: int, patience: float = 1.0) -> int | None:
