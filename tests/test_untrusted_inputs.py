@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import stat
@@ -1039,3 +1040,169 @@ def test_a_lock_file_that_is_not_a_file_is_refused_naming_it(tmp_path, kind):
     assert file_digests(data) == before and not (data / "filtered.parquet").exists()
     assert (tmp_path / "victim.txt").read_bytes() == victim
     assert not (tmp_path / "made-by-the-lock").exists()
+
+
+# --- input files the user names: regular files of bounded size, never a FIFO or a device -------
+
+
+def run_bounded(*args, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``vsotools ARGS`` with 1 GiB of address space and a time limit: a command that read
+    /dev/zero until memory ran out, or waited on a FIFO for ever, fails instead of taking the
+    machine or the test run with it."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    return run_vsotools(*args, timeout=60, preexec_fn=limit, cwd=cwd)
+
+
+@pytest.fixture
+def named_inputs(tmp_path: Path) -> dict[str, Path]:
+    """A FIFO with no writer, an oversized recipe and a manifest to crawl, all in ``tmp_path``."""
+    os.mkfifo(tmp_path / "fifo.toml")
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    os.mkfifo(tmp_path / "fifo.csv")
+    big = tmp_path / "big.toml"
+    big.write_text('name = "big"\n' + "# padding\n" * 120_000)
+    manifest = tmp_path / "anps.csv"
+    manifest.write_text("anp,adjective,noun,sentiment\nbeautiful_sky,beautiful,sky,1.5\n")
+    return {"dir": tmp_path, "big": big, "manifest": manifest}
+
+
+def crawl(credentials: str) -> list[str]:
+    return ["fetch", "--manifest", "{dir}/anps.csv", "--credentials", credentials,
+            "--out", "{dir}/data"]  # fmt: skip
+
+
+NAMED_INPUT_CASES = {
+    "recipe /dev/zero": (
+        ["settings", "--recipe", "/dev/zero"],
+        "the recipe /dev/zero is a character device, not a regular file",
+    ),
+    "recipe FIFO": (
+        ["settings", "--recipe", "{dir}/fifo.toml"],
+        "the recipe {dir}/fifo.toml is a FIFO, not a regular file",
+    ),
+    "recipe folder": (
+        ["filter", "{dir}", "--recipe", "{dir}"],
+        "the recipe {dir} is a folder, not a regular file",
+    ),
+    "recipe too large": (
+        ["settings", "--recipe", "{dir}/big.toml"],
+        "the recipe {dir}/big.toml has 1,200,013 bytes > 1,048,576",
+    ),
+    "credentials /dev/zero": (
+        crawl("/dev/zero"),
+        "the credentials file /dev/zero is a character device, not a regular file",
+    ),
+    "credentials FIFO": (
+        crawl("{dir}/fifo.toml"),
+        "the credentials file {dir}/fifo.toml is a FIFO, not a regular file",
+    ),
+    "fetch pairs FIFO": (
+        ["fetch", "--pairs", "{dir}/fifo.jsonl", "--out", "{dir}/data"],
+        "the pairs file {dir}/fifo.jsonl is a FIFO, not a regular file",
+    ),
+    "manifest FIFO": (
+        ["anps", "stats", "{dir}/fifo.csv"],
+        "the ANP file {dir}/fifo.csv is a FIFO, not a regular file",
+    ),
+    "release /dev/zero": (
+        ["anps", "import", "/dev/zero", "--format", "vso", "--out", "{dir}/anps-out.csv"],
+        "the ANP file /dev/zero is a character device, not a regular file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", NAMED_INPUT_CASES)
+def test_an_input_file_that_is_not_a_regular_file_of_bounded_size_is_one_line(named_inputs, case):
+    arguments, expected = NAMED_INPUT_CASES[case]
+    folder = named_inputs["dir"]
+    before = sorted(p.name for p in folder.iterdir())
+    done = run_bounded(*(a.format(dir=folder) for a in arguments))
+    assert done.returncode == 1 and done.stdout == "", (case, done.stdout)
+    assert one_line_error(done.stderr) == f"vsotools: error: {expected.format(dir=folder)}"
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing made: no data folder
+
+
+@pytest.mark.slow
+def test_predict_pairs_that_are_a_fifo_is_one_line(checkpoints, tmp_path):
+    os.mkfifo(tmp_path / "pairs.jsonl")
+    done = run_vsotools(
+        "predict", "--checkpoint", checkpoints["text"], "--pairs", tmp_path / "pairs.jsonl",
+        "--out", tmp_path / "labels.parquet", timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    error = one_line_error(done.stderr)
+    assert (
+        error
+        == f"vsotools: error: the pairs file {tmp_path}/pairs.jsonl is a FIFO, not a regular file"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]
+
+
+def test_a_jsonl_pairs_line_over_the_bound_is_refused_with_its_line(cli, tmp_path):
+    pairs = write_pairs(tmp_path / "pairs" / "pairs.jsonl", {"a": "a.jpg"})
+    with pairs.open("a") as fh:
+        fh.write(json.dumps({"id": "b", "text": "x" * (1 << 22), "label": "positive",
+                             "image": "b.jpg"}) + "\n")  # fmt: skip
+    result = cli("fetch", "--pairs", pairs, "--out", tmp_path / "data")
+    assert result.code == 1
+    assert one_line_error(result.err) == (
+        f"vsotools: error: {pairs}:2: not JSON: a line of more than 4,194,304 characters"
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('{"id": NaN, "text": "a happy day", "label": "positive", "image": "b.jpg"}',
+         "not JSON: NaN is not a value JSON allows"),
+        ('{"id": 1e400, "text": "a happy day", "label": "positive", "image": "b.jpg"}',
+         "not JSON: 1e400 is too large a number"),
+        ('{"id": "b", "text": -Infinity, "label": "positive", "image": "b.jpg"}',
+         "not JSON: -Infinity is not a value JSON allows"),
+    ],
+)  # fmt: skip
+def test_pairs_with_nan_or_infinite_numbers_are_refused_and_leave_no_trace(
+    cli, tmp_path, line, reason
+):
+    path = write_pairs(tmp_path / "pairs" / "pairs.jsonl", {"a": "a.jpg"})
+    write_jpeg(path.parent / "a.jpg")
+    with path.open("a") as fh:
+        fh.write(line + "\n")
+    data = tmp_path / "data"
+    result = cli("fetch", "--pairs", path, "--out", data)
+    assert result.code == 1 and result.out == ""
+    assert one_line_error(result.err) == f"vsotools: error: {path}:2: {reason}"
+    assert not data.exists(), "no folder, lock, state or .incoming/ is left behind"
+    path.write_text(path.read_text().replace(line + "\n", ""))
+    assert cli("fetch", "--pairs", path, "--out", data).code == 0
+
+
+def test_a_refused_pairs_file_leaves_an_existing_empty_folder_empty(cli, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"id": "0", "text": "a happy day", "label": "joyful", "image": "a.jpg"}\n')
+    data = tmp_path / "data"
+    data.mkdir()
+    result = cli("fetch", "--pairs", path, "--out", data)
+    assert result.code == 1
+    assert "label 'joyful' of '0' is not one of" in one_line_error(result.err)
+    assert list(data.iterdir()) == []
+
+
+def test_parquet_pairs_with_a_nan_id_are_refused_with_the_row(cli, tmp_path):
+    path = tmp_path / "pairs.parquet"
+    table = pa.table(
+        {
+            "id": pa.array([1.0, float("nan")]),
+            "text": ["a happy day", "a sad day"],
+            "label": ["positive", "negative"],
+            "image": ["a.jpg", "b.jpg"],
+        }
+    )
+    pq.write_table(table, path)
+    result = cli("fetch", "--pairs", path, "--out", tmp_path / "data")
+    assert result.code == 1
+    assert one_line_error(result.err) == f"vsotools: error: {path}:2: id is nan, not a value"
+    assert not (tmp_path / "data").exists()

@@ -118,9 +118,10 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in blocks (a file of any size in flat memory)."""
+    """Hex sha256 of a file's bytes, read in blocks (a file of any size in flat memory); a
+    FIFO or a device is refused, never read (``open_regular_file``)."""
     digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
+    with open_regular_file(path) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -299,26 +300,36 @@ def contained_path(root: str | Path, name: str) -> Path:
     return path
 
 
-def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
-    """The bytes of a regular file of at most ``max_bytes``, never reading more than that.
+def open_regular_file(path: str | Path) -> IO[bytes]:
+    """``path`` opened for reading (binary), refused unless it is a regular file.
 
-    A FIFO, a device (``/dev/zero``), a folder or a socket is refused without reading from it
-    (opened non-blocking, so a FIFO without a writer cannot hang the caller); so is a file that
-    is, or grows, larger than ``max_bytes``. Raises FileNotFoundError, OSError or UnsafeFile.
+    A FIFO, a device (``/dev/zero``), a folder or a socket is refused as ``not_a_file`` without
+    being read (opened non-blocking, so a FIFO without a writer cannot hang the caller). Raises
+    FileNotFoundError, OSError or UnsafeFile.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UnsafeFile(NOT_A_FILE, f"{path} is not a regular file")
-        if info.st_size > max_bytes:
-            raise UnsafeFile(TOO_LARGE, f"{path} has {info.st_size:,} bytes > {max_bytes:,}")
-        chunks, size = [], 0
-        while chunk := os.read(fd, min(1 << 20, max_bytes + 1 - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > max_bytes:
-                raise UnsafeFile(TOO_LARGE, f"{path} has more than {max_bytes:,} bytes")
-        return b"".join(chunks)
-    finally:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnsafeFile(NOT_A_FILE, f"{path} is {_file_kind(mode)}, not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
         os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``, never reading more than that.
+
+    What ``open_regular_file`` refuses is refused; so is a file that is, or grows, larger than
+    ``max_bytes``. Raises FileNotFoundError, OSError or UnsafeFile.
+    """
+    with open_regular_file(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > max_bytes:
+            raise UnsafeFile(TOO_LARGE, f"{path} has {size:,} bytes > {max_bytes:,}")
+        data = fh.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise UnsafeFile(TOO_LARGE, f"{path} has more than {max_bytes:,} bytes")
+        return data
