@@ -307,3 +307,22 @@ def test_a_model_set_may_undo_what_train_gives_every_model(tmp_path):
         pipeline._model_recipe(
             recipe.override({"run.text_set": ["train.init_image=x.pt"]}), "text", runs
         )
+
+
+def test_train_without_a_recipe_follows_the_one_its_shard_set_was_written_with(finished, tmp_path):
+    from conftest import run_vsotools
+
+    workdir, _ = finished
+    run = tmp_path / "text"
+    done = run_vsotools(
+        "train", "--shards", workdir / "shards", "--out", run,
+        "--set", "train.model=text", "--epochs", "1", timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "recipe: the one its input was made with" in done.stderr
+    trained = load_recipe(run / "recipe.toml")
+    assert trained.name == "tiny-pairs"
+    assert (trained.train.word_dim, trained.train.num_filters, trained.train.batch_size) == (
+        16, 8, 16,
+    )  # fmt: skip
+    assert (trained.train.model, trained.train.epochs) == ("text", 1)  # --set and flags still win
