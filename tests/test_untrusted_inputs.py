@@ -1206,3 +1206,54 @@ def test_parquet_pairs_with_a_nan_id_are_refused_with_the_row(cli, tmp_path):
     assert result.code == 1
     assert one_line_error(result.err) == f"vsotools: error: {path}:2: id is nan, not a value"
     assert not (tmp_path / "data").exists()
+
+
+# --- a full disk: the file being written is named ---------------------------------------------
+
+
+def fill_disk(disk: Path, leave: int) -> None:
+    """Take all of ``disk``'s free space but about ``leave`` bytes."""
+    info = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"\0" * max(0, info.f_bavail * info.f_frsize - leave))
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_fetch_saves_an_image_is_one_line_naming_the_file(
+    cli, tiny_disk, tmp_path
+):
+    pairs = write_pairs(tmp_path / "pairs" / "pairs.jsonl", {"a": "a.jpg"})
+    noise = np.random.default_rng(0).integers(0, 256, size=(600, 600, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(pairs.parent / "a.jpg", "JPEG", quality=95)  # 425 kB > the disk
+    data = tiny_disk / "data"
+    result = cli("fetch", "--pairs", pairs, "--out", data)
+    assert result.code == 1 and result.out == ""
+    error = one_line_error(result.err)
+    assert "No space left on device" in error and str(data / ".incoming") in error, error
+    # The state is whole: once there is room, the same folder finishes the fetch.
+    roomy = Path(shutil.copytree(data, tmp_path / "data"))
+    assert cli("fetch", "--pairs", pairs, "--out", roomy).code == 0
+    assert outcomes(roomy) == {"a": ("ok", None)}
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_filtering_is_one_line_naming_the_file(cli, tiny_disk, tmp_path):
+    rng = np.random.default_rng(1)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    records = [
+        photo(
+            str(i), source="pairs", label=("positive", "negative")[i % 2],
+            description=" ".join("".join(rng.choice(letters, 8)) for _ in range(100)),
+        )
+        for i in range(100)
+    ]  # fmt: skip
+    data = tiny_disk / "data"
+    write_metadata(data, records)  # about 60 kB of text that compresses little
+    fill_disk(tiny_disk, leave=16_384)
+    before = file_digests(data)
+    result = cli("filter", data)
+    assert result.code == 1 and result.out == ""
+    error = one_line_error(result.err)
+    assert "No space left on device" in error and str(data / ".filter-work") in error, error
+    assert file_digests(data) == before and not (data / "filtered.parquet").exists()
+    (tiny_disk / "filler").unlink()
+    assert cli("filter", data).code == 0

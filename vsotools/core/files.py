@@ -38,20 +38,32 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        # mkstemp creates files readable by their owner alone; give them the usual mode.
-        os.fchmod(fd, 0o666 & ~_umask())
-        encoding = None if "b" in mode else "utf-8"
-        with os.fdopen(fd, mode, encoding=encoding) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
+        with naming_errors(path):
+            # mkstemp creates files readable by their owner alone; give them the usual mode.
+            os.fchmod(fd, 0o666 & ~_umask())
+            encoding = None if "b" in mode else "utf-8"
+            with os.fdopen(fd, mode, encoding=encoding) as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
+
+
+@contextlib.contextmanager
+def naming_errors(path: str | Path) -> Iterator[None]:
+    """Raise a system error that names no file, such as a write failing with "No space left
+    on device" (Python's, or pyarrow's "Error writing bytes to file"), naming ``path``: the
+    file being written. Errors without a system error number pass unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None or exc.filename is not None:
+            raise
+        raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from None
 
 
 def check_output_file(path: str | Path, inputs: Iterable[str | Path] = ()) -> None:

@@ -41,6 +41,7 @@ from vsotools.core import schema
 from vsotools.core.anps import anp_scores, label_for_score, read_manifest
 from vsotools.core.config import Recipe
 from vsotools.core.errors import VsoError
+from vsotools.core.files import naming_errors
 from vsotools.core.processes import exit_with_parent
 from vsotools.core.text import clean_text, count_words
 from vsotools.dataset.folder import DatasetFolder, StageReport
@@ -194,6 +195,7 @@ def _filter(
         sha_keys: list[np.ndarray] = []
         text_keys: list[np.ndarray] = []
         with (
+            naming_errors(survivors),
             pq.ParquetWriter(survivors, _LABELLED_SCHEMA) as writer,
             tqdm(
                 total=dataset.count_rows(), unit="photo", desc="filter", disable=not progress
@@ -373,7 +375,7 @@ def _write_split(
 ) -> None:
     partial = work / out.name
     offset = 0
-    with pq.ParquetWriter(partial, schema.FILTERED_SCHEMA) as writer:
+    with naming_errors(partial), pq.ParquetWriter(partial, schema.FILTERED_SCHEMA) as writer:
         for batch in pq.ParquetFile(survivors).iter_batches(batch_size=_BATCH_ROWS):
             mask = keep[offset : offset + batch.num_rows]
             offset += batch.num_rows
