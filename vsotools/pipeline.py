@@ -107,6 +107,7 @@ def run_recipe(
             on_stage(outcome.stages[-1])
 
     runs = {model: workdir / f"train-{model}" for model in _training_order(recipe)}
+    check_requirements(recipe, runs)
 
     fetched = fetch(recipe, data, credentials=credentials, progress=progress)
     if fetched.already_complete:
@@ -150,6 +151,17 @@ def run_recipe(
     done("report", True, str(outcome.report))
     outcome.seconds = round(time.monotonic() - started, 1)
     return outcome
+
+
+def check_requirements(recipe: Recipe, runs: dict[str, Path]) -> None:
+    """Refuse, before the first stage writes anything, a recipe that a later stage could not
+    run: a model whose own settings (``run.MODEL_set``) are invalid, or whose pretrained encoder
+    needs a package that is not installed. Found at the train stage, it would come after a
+    fetch of hours and shards of gigabytes."""
+    from vsotools.training import encoders
+
+    for model in runs:
+        encoders.require_packages(_model_recipe(recipe, model, runs).train)
 
 
 def _train_model(
