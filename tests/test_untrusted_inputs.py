@@ -1153,6 +1153,24 @@ def test_a_jsonl_pairs_line_over_the_bound_is_refused_with_its_line(cli, tmp_pat
     )
 
 
+@pytest.mark.parametrize("kind", ["a FIFO", "a folder"])
+def test_a_checkpoint_that_is_a_fifo_or_a_folder_is_one_line(tmp_path, kind):
+    checkpoint = tmp_path / "checkpoint.pt"
+    if kind == "a FIFO":
+        os.mkfifo(checkpoint)
+    else:
+        checkpoint.mkdir()
+    for command in (
+        ["evaluate", "--checkpoint", checkpoint, "--shards", tmp_path],
+        ["predict", "--checkpoint", checkpoint, "--text", "a happy day"],
+    ):
+        done = run_vsotools(*command, timeout=120)
+        assert done.returncode == 1 and done.stdout == ""
+        assert one_line_error(done.stderr) == (
+            f"vsotools: error: the checkpoint {checkpoint} is {kind}, not a regular file"
+        )
+
+
 @pytest.mark.parametrize(
     ("line", "reason"),
     [

@@ -40,6 +40,7 @@ import torch
 from vsotools.core.config import Recipe, recipe_from_dict, recipe_to_toml
 from vsotools.core.errors import VsoError
 from vsotools.core.extras import first_line
+from vsotools.core.files import UnsafeFile, open_regular_file
 from vsotools.training import encoders
 from vsotools.training.minilm import TextTokenizer
 from vsotools.training.models import SentimentNet, build_model
@@ -146,10 +147,13 @@ def load_weights_file(path: str | Path) -> Any:
     """Whatever a torch file holds (read with ``weights_only=True`` onto the CPU): a vsotools
     checkpoint or, for ``train.init_image``, a plain state dict."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular_file(path) as fh:
+            return torch.load(fh, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except UnsafeFile as exc:
+        raise CheckpointError(f"the checkpoint {exc.detail}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(exc)})") from None
 
