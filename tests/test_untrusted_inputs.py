@@ -1153,6 +1153,7 @@ def test_a_jsonl_pairs_line_over_the_bound_is_refused_with_its_line(cli, tmp_pat
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["a FIFO", "a folder"])
 def test_a_checkpoint_that_is_a_fifo_or_a_folder_is_one_line(tmp_path, kind):
     checkpoint = tmp_path / "checkpoint.pt"
