@@ -94,7 +94,8 @@ def resolve_recipe(args: argparse.Namespace, default: Path | Recipe | None = Non
     defaults), then every ``--set`` in order, then the setting flags; validated once."""
     path = getattr(args, "recipe", None)
     if path is None and isinstance(default, Recipe):
-        log.info("recipe: the one its input was made with")
+        # Not INFO: a refusal that follows (a missing package) must stay the one line on stderr.
+        log.debug("recipe: the one its input was made with")
         return default.override_strings([*args.assignments, *setting_assignments(args)])
     if path is None and isinstance(default, Path) and default.is_file():
         log.info("recipe: %s (the one its input was made with)", default)
