@@ -4,9 +4,12 @@ serving, and no file outside the corpus folder is ever served."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +17,7 @@ from urllib.parse import urlencode, urlsplit
 
 import pytest
 import requests
+from conftest import vsotools_command
 from flickr_corpus import make_corpus
 
 from vsotools.demo.server import Api, CorpusError, load_corpus, serve
@@ -227,3 +231,79 @@ def test_an_image_swapped_for_a_symlink_after_loading_is_not_served(tmp_path, co
         (folder / "photo.jpg").symlink_to(tmp_path / "outside.txt")
         served = requests.get(photo["url_m"], timeout=5)
     assert served.status_code == 404 and SECRET not in served.content
+
+
+# --- the real server process: FIFOs and folders in the corpus, absurd page numbers -------------
+
+
+@contextlib.contextmanager
+def server_process(corpus: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``vsotools flickr-server`` over ``corpus``, and its base URL once it serves."""
+    process = subprocess.Popen(
+        [*vsotools_command(), "flickr-server", "--corpus", str(corpus)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield process, process.stdout.readline().strip()
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def started_and_ended(corpus: Path) -> subprocess.CompletedProcess[str]:
+    """Start the server; what it said once it ended (a hang fails the test after 30 s)."""
+    return subprocess.run(
+        [*vsotools_command(), "flickr-server", "--corpus", str(corpus)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a folder"])
+def test_a_corpus_image_that_is_a_fifo_or_a_folder_stops_the_server_at_start(tmp_path, kind):
+    folder = one_photo_corpus(tmp_path / "corpus", "photo.jpg")
+    if kind == "a FIFO":
+        os.mkfifo(folder / "photo.jpg")  # no writer: opening it to read would wait for ever
+    else:
+        (folder / "photo.jpg").mkdir()
+    done = started_and_ended(folder)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == (
+        f"vsotools: error: {folder / 'photos.jsonl'}:1: image 'photo.jpg' is"
+        f" {kind if kind == 'a folder' else 'not a regular file'}\n"
+    )
+
+
+def test_a_corpus_file_that_is_a_fifo_stops_the_server_at_start(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    os.mkfifo(tmp_path / "corpus" / "photos.jsonl")
+    done = started_and_ended(tmp_path / "corpus")
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"vsotools: error: the corpus file {tmp_path / 'corpus' / 'photos.jsonl'} is a FIFO,"
+        " not a regular file\n"
+    )
+
+
+def test_a_fifo_swapped_in_after_the_start_is_answered_404_and_holds_no_thread(tmp_path, corpus):
+    folder = one_photo_corpus(tmp_path / "corpus", "photo.jpg")
+    first = next((corpus / "img").glob("*.jpg"))
+    (folder / "photo.jpg").write_bytes(first.read_bytes())
+    with server_process(folder) as (_, url):
+        found = search(url, extras="url_m")["photos"]["photo"][0]
+        assert requests.get(found["url_m"], timeout=5).content == first.read_bytes()
+        (folder / "photo.jpg").unlink()
+        os.mkfifo(folder / "photo.jpg")
+        for _ in range(3):  # each request would have kept a thread waiting on the FIFO
+            assert requests.get(found["url_m"], timeout=5).status_code == 404
+        assert_still_serving(url)
+
+
+def test_an_absurd_page_number_is_read_as_flickr_reads_garbage_not_echoed(tmp_path, corpus):
+    with server_process(corpus) as (_, url):
+        plain = search(url)
+        assert plain["stat"] == "ok" and plain["photos"]["page"] == 1
+        for page in ("1" + "0" * 38, "１２", "+3", "1_0"):
+            assert search(url, page=page) == plain, page
+        assert search(url, page="2")["photos"]["page"] == 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -56,3 +58,26 @@ def test_table_row_and_confusion_text():
     assert table_row("fusion", m) == "| fusion | 1.000 | 1.000 | 1.000 | 1.000 |"
     text = format_confusion(m.confusion)
     assert "true negative" in text and "true positive" in text
+
+
+NAN_SCORES = """
+from vsotools.core.metrics import ScoreError, compute_metrics, roc_auc
+for call in (lambda: roc_auc([0, 1], [float("nan"), 0.5]),
+             lambda: compute_metrics([0, 1, 1], [0.2, float("nan"), 0.9])):
+    try:
+        call()
+    except ScoreError as exc:
+        print(exc)
+"""
+
+
+def test_nan_scores_are_refused_in_one_line_never_looped_over():
+    # In a subprocess with a time limit: grouping ties with == never ends on a NaN score.
+    done = subprocess.run(
+        [sys.executable, "-c", NAN_SCORES], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "1 of 2 scores are NaN: the model's weights or inputs are not numbers",
+        "1 of 3 scores are NaN: the model's weights or inputs are not numbers",
+    ]

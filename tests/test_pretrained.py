@@ -4,9 +4,11 @@ line, and checkpoints come back through evaluate and predict (one post, or a pai
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,3 +283,100 @@ def test_a_pairs_file_is_labelled_pair_by_pair_with_bad_rows_reported(cli, shard
         alone = predict(checkpoint, image=folder / line["image"], text=line["text"], device="cpu")
         assert row["label"] == alone.label
         assert row["positive_probability"] == pytest.approx(alone.positive_probability, abs=1e-5)
+
+
+def test_a_training_that_diverges_after_a_good_epoch_stops_and_keeps_that_epoch(
+    cli, shards, tmp_path
+):
+    # Epoch 1 trains the head alone (the encoder frozen) at a sane rate; epoch 2 unfreezes
+    # MiniLM at a learning rate of 1e30, and its loss turns NaN within a step or two.
+    run = tmp_path / "run"
+    settings = [
+        "--set", "train.model=text", "--set", "train.text_encoder=minilm",
+        "--set", "train.freeze_branches_epochs=1", "--set", "train.encoder_lr=1e30",
+        "--set", "train.epochs=2", "--set", "train.batch_size=16", "--set", "train.lr=1e-3",
+        "--set", "train.workers=1", "--set", "train.device=cpu",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "vsotools", "train", "--shards", str(shards), "--out", str(run),
+         *settings],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    error = done.stderr.splitlines()[-1]
+    assert error.startswith(f"vsotools: error: {run}: epoch 2, step ")
+    assert error.endswith(f"{run / 'last.pt'} keeps epoch 1")
+    # The last good epoch's checkpoints are whole and still score the test split.
+    assert ckpt.load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    again = cli("evaluate", "--checkpoint", run / "checkpoint.pt", "--shards", shards, "--json")
+    assert again.code == 0, again.err
+    assert json.loads(again.out)["n"] == 16
+
+
+@pytest.fixture(scope="module")
+def stored_features(shards, tmp_path_factory) -> Path:
+    """The stored MiniLM and EfficientNet-Lite0 features of ``shards``, left by a training."""
+    folder = tmp_path_factory.mktemp("stored-features")
+    settings = recipe(
+        model="fusion", text_encoder="minilm", image_encoder="efficientnet_lite0",
+        frozen_branches=["text", "image"], features_dir=str(folder),
+    )  # fmt: skip
+    train(settings, shards, tmp_path_factory.mktemp("features-run") / "run", progress=False)
+    return folder
+
+
+def _cut(saved: dict, rows: int, keys: int) -> dict:
+    return {**saved, "keys": saved["keys"][:keys], "features": saved["features"][:rows]}
+
+
+FEATURE_DAMAGES = {
+    "missing sample keys": (
+        lambda text, image: _cut(text, 59, 59),
+        "it holds 59 keys and 59 rows for the shard set's 64 samples",
+    ),
+    "fewer rows than keys": (
+        lambda text, image: _cut(text, 59, 64),
+        "it holds 64 keys and 59 rows for the shard set's 64 samples",
+    ),
+    "another width": (
+        lambda text, image: {**text, "features": text["features"][:, :100]},
+        "its features are 100 wide, the text branch's 384",
+    ),
+    "the image branch's file": (
+        lambda text, image: image,
+        "it holds the image branch's features, not the text branch's",
+    ),
+    "NaN features": (
+        lambda text, image: {**text, "features": torch.full_like(text["features"], float("nan"))},
+        "its features hold NaN or infinite values",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", FEATURE_DAMAGES)
+def test_stored_features_that_do_not_fit_are_computed_again_saying_so(
+    stored_features, shards, tmp_path, damage
+):
+    change, why = FEATURE_DAMAGES[damage]
+    features = Path(shutil.copytree(stored_features, tmp_path / "features"))
+    [text_file] = features.glob("features-text-*.pt")
+    [image_file] = features.glob("features-image-*.pt")
+    load = functools.partial(torch.load, weights_only=True)
+    torch.save(change(load(text_file), load(image_file)), text_file)
+    settings = {
+        "model": "text", "text_encoder": "minilm", "frozen_branches": "text",
+        "features_dir": str(features), "epochs": "1", "batch_size": "16", "workers": "1",
+        "device": "cpu",
+    }  # fmt: skip
+    arguments = [a for key, value in settings.items() for a in ("--set", f"train.{key}={value}")]
+    done = subprocess.run(
+        [sys.executable, "-m", "vsotools", "train", "--shards", str(shards),
+         "--out", str(tmp_path / "run"), *arguments],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{text_file} does not fit: {why}; computing the features again" in done.stderr
+    again = load(text_file)
+    assert again["branch"] == "text" and again["features"].shape == (64, 384)
+    assert torch.isfinite(again["features"]).all()

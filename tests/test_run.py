@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -383,3 +385,45 @@ def test_a_report_page_that_is_gone_is_written_again(pairs_recipe, finished, cli
     assert "[train image] skipped" in again.out and "[report] done" in again.out
     third = cli("run", pairs_recipe, "--workdir", workdir)
     assert "nothing to do: every output is complete and current" in third.out
+
+
+@pytest.mark.slow
+def test_train_without_a_recipe_follows_the_one_its_shard_set_was_written_with(finished, tmp_path):
+    from conftest import run_vsotools
+
+    workdir, _ = finished
+    run = tmp_path / "text"
+    done = run_vsotools(
+        "train", "--shards", workdir / "shards", "--out", run,
+        "--set", "train.model=text", "--epochs", "1", timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = load_recipe(run / "recipe.toml")
+    assert trained.name == "tiny-pairs"
+    assert (trained.train.word_dim, trained.train.num_filters, trained.train.batch_size) == (
+        16, 8, 16,
+    )  # fmt: skip
+    assert (trained.train.model, trained.train.epochs) == ("text", 1)  # --set and flags still win
+
+
+WITHOUT_TRANSFORMERS = """
+import sys
+sys.modules["transformers"] = None
+from vsotools.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_run_checks_every_stage_s_packages_before_the_first_stage(pairs_recipe, tmp_path):
+    workdir = tmp_path / "work"
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TRANSFORMERS, "run", str(pairs_recipe),
+         "--workdir", str(workdir), "--set", "train.text_encoder=minilm"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [
+        "vsotools: error: the MiniLM text encoder (train.text_encoder = minilm) needs"
+        " transformers: pip install 'vsotools[pretrained]'"
+    ]
+    assert not workdir.exists(), "no stage ran: nothing fetched, filtered or sharded"

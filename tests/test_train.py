@@ -522,3 +522,22 @@ def test_gpu_decode_on_a_cpu_is_refused_before_any_work(shards, tmp_path):
     with pytest.raises(ConfigError, match=r"train\.gpu_decode needs a CUDA device"):
         train(recipe(gpu_decode=True), shards, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_training_whose_loss_turns_nan_stops_naming_epoch_and_step(shards, tmp_path):
+    # A real divergence: Adam's steps of 1e30 turn the weights, then the loss, into NaN. With a
+    # time limit: a NaN score once made the first validation loop for ever.
+    run = tmp_path / "run"
+    settings = tiny_set_arguments(epochs=2, workers=1)
+    done = run_vsotools(
+        "train", "--shards", shards, "--out", run, *settings, "--set", "train.lr=1e30",
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1 and done.stdout == ""
+    assert "Traceback" not in done.stderr
+    error = done.stderr.splitlines()[-1]
+    assert error.startswith(f"vsotools: error: {run}: epoch 1, step ")
+    assert "the training loss became NaN or infinite" in error
+    assert "no epoch finished, nothing was saved" in error
+    assert not (run / "last.pt").exists() and not (run / "checkpoint.pt").exists()
+    assert not (run / "metrics.jsonl").exists()

@@ -13,8 +13,11 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -843,3 +846,433 @@ def test_a_file_that_breaks_its_parser_is_refused_in_one_line(cli, tmp_path, kin
     result = cli(*args)
     assert result.code == 1 and result.out == ""
     assert one_line_error(result.err).startswith(f"vsotools: error: {where}")
+
+
+# --- checkpoints that load but hold no usable model; text that is not UTF-8 -------------------
+
+
+def nan_weight(state: dict) -> None:
+    name = next(k for k in state["model"] if k.startswith("head.") and k.endswith("weight"))
+    state["model"][name][0, 0] = float("nan")
+
+
+def mis_shaped(state: dict) -> None:
+    name = next(k for k in state["model"] if k.endswith("weight"))
+    state["model"][name] = torch.zeros(3, 3)
+
+
+CHECKPOINT_DAMAGES = {
+    "NaN weights": (nan_weight, r"weight head\.\S+ holds NaN or infinite values"),
+    "an empty model": (lambda s: s.update(model={}), r"weights do not fit its text model"),
+    "a mis-shaped model": (mis_shaped, r"weights do not fit its text model"),
+    "no vocabulary": (lambda s: s.update(vocab=None), r"reads text but holds no vocabulary"),
+    "a recipe that is not TOML": (lambda s: s.update(recipe="[train"), r"recipe is unreadable"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", CHECKPOINT_DAMAGES)
+def test_a_checkpoint_that_loads_but_holds_no_usable_model_is_one_line(
+    checkpoints, sound_set, tmp_path, damage
+):
+    edit, expected = CHECKPOINT_DAMAGES[damage]
+    state = torch.load(checkpoints["text"], weights_only=True)
+    edit(state)
+    damaged_checkpoint = tmp_path / "damaged.pt"
+    torch.save(state, damaged_checkpoint)
+    for command in (
+        ["evaluate", "--checkpoint", damaged_checkpoint, "--shards", sound_set],
+        ["predict", "--checkpoint", damaged_checkpoint, "--text", "a happy sunny day"],
+    ):
+        # With a time limit: NaN scores once made evaluate's ROC AUC loop for ever.
+        done = run_vsotools(*command, timeout=120)
+        assert done.returncode == 1 and done.stdout == "", (command, done.stdout)
+        error = one_line_error(done.stderr)
+        assert error.startswith(f"vsotools: error: {damaged_checkpoint}: "), error
+        assert re.search(expected, error), error
+
+
+@pytest.mark.slow
+def test_predict_text_that_is_not_utf8_is_one_line(checkpoints):
+    # The command line hands bytes that are not UTF-8 to Python as lone surrogates.
+    command = [*vsotools_command(), "predict", "--checkpoint", str(checkpoints["text"])]
+    done = subprocess.run(
+        [*command, "--text", b"a happy caf\xe9 day"], capture_output=True, timeout=120
+    )
+    assert done.returncode == 1 and done.stdout == b""
+    error = one_line_error(done.stderr.decode("utf-8", "replace"))
+    assert "the text is not UTF-8" in error
+
+
+# --- outputs: never a device, a FIFO, a folder or an input -------------------------------------
+
+
+def special_outputs(folder: Path) -> dict[str, Path]:
+    """Paths holding what an output must not replace: a FIFO, a folder, a link to /dev/null and,
+    where this user may make one, a device node of its own (never the system's)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {"fifo": folder / "fifo", "folder": folder / "folder", "link": folder / "null-link"}
+    os.mkfifo(made["fifo"])
+    made["folder"].mkdir()
+    made["link"].symlink_to(os.devnull)
+    with contextlib.suppress(PermissionError):
+        os.mknod(folder / "device", 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # a null device
+        made["device"] = folder / "device"
+    return made
+
+
+def kind_of(path: Path) -> str:
+    mode = path.lstat().st_mode
+    return next(
+        name
+        for name, test in (
+            ("link", stat.S_ISLNK), ("fifo", stat.S_ISFIFO), ("folder", stat.S_ISDIR),
+            ("device", stat.S_ISCHR), ("file", stat.S_ISREG),
+        )
+        if test(mode)
+    )  # fmt: skip
+
+
+EXPECTED_KIND = {
+    "fifo": "a FIFO",
+    "folder": "a folder",
+    "link": "a character device",
+    "device": "a character device",
+}
+
+
+@pytest.mark.slow
+def test_predict_out_refuses_what_it_must_not_replace(checkpoints, tmp_path):
+    pairs = tmp_path / "posts" / "pairs.jsonl"
+    pairs.parent.mkdir()
+    pairs.write_text(json.dumps({"id": "a", "text": "a happy sunny day", "image": "a.jpg"}) + "\n")
+    checkpoint = Path(shutil.copy(checkpoints["text"], tmp_path / "model.pt"))
+    targets = special_outputs(tmp_path / "outs")
+    targets.update(pairs=pairs, checkpoint=checkpoint)
+    before = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in
+              (("pairs", pairs), ("checkpoint", checkpoint))}  # fmt: skip
+    for name, out in targets.items():
+        kind = kind_of(out)
+        done = run_vsotools(
+            "predict", "--checkpoint", checkpoint, "--pairs", pairs, "--out", out, timeout=120
+        )
+        assert done.returncode == 1 and done.stdout == "", (name, done.stdout)
+        error = one_line_error(done.stderr)
+        if name in ("pairs", "checkpoint"):
+            assert f"{out} is {out}, an input of this command" in error, error
+        else:
+            assert f"{out} is {EXPECTED_KIND[name]}, not a file" in error, error
+        assert error.endswith("; write to another --out"), error
+        assert kind_of(out) == kind, name
+    after = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in
+             (("pairs", pairs), ("checkpoint", checkpoint))}  # fmt: skip
+    assert after == before
+    assert sorted(p.name for p in pairs.parent.iterdir()) == ["pairs.jsonl"]  # no temporary left
+    ok = run_vsotools("predict", "--checkpoint", checkpoint, "--pairs", pairs, "--out",
+                      tmp_path / "labels.parquet", timeout=120)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_anps_import_out_refuses_what_it_must_not_replace(tmp_path):
+    release = tmp_path / "anps.txt"
+    release.write_text(
+        "1. beautiful [sentiment: 1.00] [#images: 9]\n\tbeautiful_sky [sentiment: 1.50] [#imgs: 9]\n"
+    )
+    source = release.read_bytes()
+    targets = special_outputs(tmp_path / "outs")
+    targets["release"] = release
+    for name, out in targets.items():
+        kind = kind_of(out)
+        done = run_vsotools("anps", "import", release, "--format", "vso", "--out", out, timeout=60)
+        assert done.returncode == 1 and done.stdout == "", (name, done.stdout)
+        error = one_line_error(done.stderr)
+        expected = "an input of this command" if name == "release" else EXPECTED_KIND[name]
+        assert f"{out} is " in error and expected in error, error
+        assert kind_of(out) == kind, name
+    assert release.read_bytes() == source
+    ok = run_vsotools("anps", "import", release, "--format", "vso", "--out", tmp_path / "a.csv")
+    assert ok.returncode == 0, ok.stderr
+
+
+# --- the lock file: never followed, never anything but a file ---------------------------------
+
+
+def lock_replacements(tmp_path: Path) -> dict[str, object]:
+    """Ways a copied folder's lock file may be something else; each puts it at a path."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own file, not to be cut to a process id\n")
+
+    def device(path: Path) -> None:
+        try:
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # a null device of its own
+        except PermissionError:
+            pytest.skip("this user may not make a device node")
+
+    return {
+        "a symbolic link": lambda path: path.symlink_to(victim),
+        "a dangling symbolic link": lambda path: path.symlink_to(tmp_path / "made-by-the-lock"),
+        "a folder": lambda path: path.mkdir(),
+        "a FIFO": os.mkfifo,
+        "a character device": device,
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind",
+    ["a symbolic link", "a dangling symbolic link", "a folder", "a FIFO", "a character device"],
+)
+def test_a_lock_file_that_is_not_a_file_is_refused_naming_it(tmp_path, kind):
+    pairs = write_pairs(tmp_path / "pairs" / "pairs.jsonl", {"a": "a.jpg"})
+    write_jpeg(pairs.parent / "a.jpg")
+    data = tmp_path / "data"
+    assert run_vsotools("fetch", "--pairs", pairs, "--out", data).returncode == 0
+    lock = data / LOCK_NAME
+    lock.unlink()
+    lock_replacements(tmp_path)[kind](lock)
+    before = file_digests(data)
+    victim = (tmp_path / "victim.txt").read_bytes()
+    result = run_vsotools("filter", data, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    error = one_line_error(result.stderr)
+    what = "a symbolic link" if "symbolic link" in kind else kind
+    assert error == f"vsotools: error: {lock} is {what}, not a lock file; remove it"
+    assert file_digests(data) == before and not (data / "filtered.parquet").exists()
+    assert (tmp_path / "victim.txt").read_bytes() == victim
+    assert not (tmp_path / "made-by-the-lock").exists()
+
+
+# --- input files the user names: regular files of bounded size, never a FIFO or a device -------
+
+
+def run_bounded(*args, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``vsotools ARGS`` with 1 GiB of address space and a time limit: a command that read
+    /dev/zero until memory ran out, or waited on a FIFO for ever, fails instead of taking the
+    machine or the test run with it."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    return run_vsotools(*args, timeout=60, preexec_fn=limit, cwd=cwd)
+
+
+@pytest.fixture
+def named_inputs(tmp_path: Path) -> dict[str, Path]:
+    """A FIFO with no writer, an oversized recipe and a manifest to crawl, all in ``tmp_path``."""
+    os.mkfifo(tmp_path / "fifo.toml")
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    os.mkfifo(tmp_path / "fifo.csv")
+    big = tmp_path / "big.toml"
+    big.write_text('name = "big"\n' + "# padding\n" * 120_000)
+    manifest = tmp_path / "anps.csv"
+    manifest.write_text("anp,adjective,noun,sentiment\nbeautiful_sky,beautiful,sky,1.5\n")
+    return {"dir": tmp_path, "big": big, "manifest": manifest}
+
+
+def crawl(credentials: str) -> list[str]:
+    return ["fetch", "--manifest", "{dir}/anps.csv", "--credentials", credentials,
+            "--out", "{dir}/data"]  # fmt: skip
+
+
+NAMED_INPUT_CASES = {
+    "recipe /dev/zero": (
+        ["settings", "--recipe", "/dev/zero"],
+        "the recipe /dev/zero is a character device, not a regular file",
+    ),
+    "recipe FIFO": (
+        ["settings", "--recipe", "{dir}/fifo.toml"],
+        "the recipe {dir}/fifo.toml is a FIFO, not a regular file",
+    ),
+    "recipe folder": (
+        ["filter", "{dir}", "--recipe", "{dir}"],
+        "the recipe {dir} is a folder, not a regular file",
+    ),
+    "recipe too large": (
+        ["settings", "--recipe", "{dir}/big.toml"],
+        "the recipe {dir}/big.toml has 1,200,013 bytes > 1,048,576",
+    ),
+    "credentials /dev/zero": (
+        crawl("/dev/zero"),
+        "the credentials file /dev/zero is a character device, not a regular file",
+    ),
+    "credentials FIFO": (
+        crawl("{dir}/fifo.toml"),
+        "the credentials file {dir}/fifo.toml is a FIFO, not a regular file",
+    ),
+    "fetch pairs FIFO": (
+        ["fetch", "--pairs", "{dir}/fifo.jsonl", "--out", "{dir}/data"],
+        "the pairs file {dir}/fifo.jsonl is a FIFO, not a regular file",
+    ),
+    "manifest FIFO": (
+        ["anps", "stats", "{dir}/fifo.csv"],
+        "the ANP file {dir}/fifo.csv is a FIFO, not a regular file",
+    ),
+    "release /dev/zero": (
+        ["anps", "import", "/dev/zero", "--format", "vso", "--out", "{dir}/anps-out.csv"],
+        "the ANP file /dev/zero is a character device, not a regular file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", NAMED_INPUT_CASES)
+def test_an_input_file_that_is_not_a_regular_file_of_bounded_size_is_one_line(named_inputs, case):
+    arguments, expected = NAMED_INPUT_CASES[case]
+    folder = named_inputs["dir"]
+    before = sorted(p.name for p in folder.iterdir())
+    done = run_bounded(*(a.format(dir=folder) for a in arguments))
+    assert done.returncode == 1 and done.stdout == "", (case, done.stdout)
+    assert one_line_error(done.stderr) == f"vsotools: error: {expected.format(dir=folder)}"
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing made: no data folder
+
+
+@pytest.mark.slow
+def test_predict_pairs_that_are_a_fifo_is_one_line(checkpoints, tmp_path):
+    os.mkfifo(tmp_path / "pairs.jsonl")
+    done = run_vsotools(
+        "predict", "--checkpoint", checkpoints["text"], "--pairs", tmp_path / "pairs.jsonl",
+        "--out", tmp_path / "labels.parquet", timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    error = one_line_error(done.stderr)
+    assert (
+        error
+        == f"vsotools: error: the pairs file {tmp_path}/pairs.jsonl is a FIFO, not a regular file"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]
+
+
+def test_a_jsonl_pairs_line_over_the_bound_is_refused_with_its_line(cli, tmp_path):
+    pairs = write_pairs(tmp_path / "pairs" / "pairs.jsonl", {"a": "a.jpg"})
+    with pairs.open("a") as fh:
+        fh.write(json.dumps({"id": "b", "text": "x" * (1 << 22), "label": "positive",
+                             "image": "b.jpg"}) + "\n")  # fmt: skip
+    result = cli("fetch", "--pairs", pairs, "--out", tmp_path / "data")
+    assert result.code == 1
+    assert one_line_error(result.err) == (
+        f"vsotools: error: {pairs}:2: not JSON: a line of more than 4,194,304 characters"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["a FIFO", "a folder"])
+def test_a_checkpoint_that_is_a_fifo_or_a_folder_is_one_line(tmp_path, kind):
+    checkpoint = tmp_path / "checkpoint.pt"
+    if kind == "a FIFO":
+        os.mkfifo(checkpoint)
+    else:
+        checkpoint.mkdir()
+    for command in (
+        ["evaluate", "--checkpoint", checkpoint, "--shards", tmp_path],
+        ["predict", "--checkpoint", checkpoint, "--text", "a happy day"],
+    ):
+        done = run_vsotools(*command, timeout=120)
+        assert done.returncode == 1 and done.stdout == ""
+        assert one_line_error(done.stderr) == (
+            f"vsotools: error: the checkpoint {checkpoint} is {kind}, not a regular file"
+        )
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('{"id": NaN, "text": "a happy day", "label": "positive", "image": "b.jpg"}',
+         "not JSON: NaN is not a value JSON allows"),
+        ('{"id": 1e400, "text": "a happy day", "label": "positive", "image": "b.jpg"}',
+         "not JSON: 1e400 is too large a number"),
+        ('{"id": "b", "text": -Infinity, "label": "positive", "image": "b.jpg"}',
+         "not JSON: -Infinity is not a value JSON allows"),
+    ],
+)  # fmt: skip
+def test_pairs_with_nan_or_infinite_numbers_are_refused_and_leave_no_trace(
+    cli, tmp_path, line, reason
+):
+    path = write_pairs(tmp_path / "pairs" / "pairs.jsonl", {"a": "a.jpg"})
+    write_jpeg(path.parent / "a.jpg")
+    with path.open("a") as fh:
+        fh.write(line + "\n")
+    data = tmp_path / "data"
+    result = cli("fetch", "--pairs", path, "--out", data)
+    assert result.code == 1 and result.out == ""
+    assert one_line_error(result.err) == f"vsotools: error: {path}:2: {reason}"
+    assert not data.exists(), "no folder, lock, state or .incoming/ is left behind"
+    path.write_text(path.read_text().replace(line + "\n", ""))
+    assert cli("fetch", "--pairs", path, "--out", data).code == 0
+
+
+def test_a_refused_pairs_file_leaves_an_existing_empty_folder_empty(cli, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"id": "0", "text": "a happy day", "label": "joyful", "image": "a.jpg"}\n')
+    data = tmp_path / "data"
+    data.mkdir()
+    result = cli("fetch", "--pairs", path, "--out", data)
+    assert result.code == 1
+    assert "label 'joyful' of '0' is not one of" in one_line_error(result.err)
+    assert list(data.iterdir()) == []
+
+
+def test_parquet_pairs_with_a_nan_id_are_refused_with_the_row(cli, tmp_path):
+    path = tmp_path / "pairs.parquet"
+    table = pa.table(
+        {
+            "id": pa.array([1.0, float("nan")]),
+            "text": ["a happy day", "a sad day"],
+            "label": ["positive", "negative"],
+            "image": ["a.jpg", "b.jpg"],
+        }
+    )
+    pq.write_table(table, path)
+    result = cli("fetch", "--pairs", path, "--out", tmp_path / "data")
+    assert result.code == 1
+    assert one_line_error(result.err) == f"vsotools: error: {path}:2: id is nan, not a value"
+    assert not (tmp_path / "data").exists()
+
+
+# --- a full disk: the file being written is named ---------------------------------------------
+
+
+def fill_disk(disk: Path, leave: int) -> None:
+    """Take all of ``disk``'s free space but about ``leave`` bytes."""
+    info = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"\0" * max(0, info.f_bavail * info.f_frsize - leave))
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_fetch_saves_an_image_is_one_line_naming_the_file(
+    cli, tiny_disk, tmp_path
+):
+    pairs = write_pairs(tmp_path / "pairs" / "pairs.jsonl", {"a": "a.jpg"})
+    noise = np.random.default_rng(0).integers(0, 256, size=(600, 600, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(pairs.parent / "a.jpg", "JPEG", quality=95)  # 425 kB > the disk
+    data = tiny_disk / "data"
+    result = cli("fetch", "--pairs", pairs, "--out", data)
+    assert result.code == 1 and result.out == ""
+    error = one_line_error(result.err)
+    assert "No space left on device" in error and str(data / ".incoming") in error, error
+    # The state is whole: once there is room, the same folder finishes the fetch.
+    roomy = Path(shutil.copytree(data, tmp_path / "data"))
+    assert cli("fetch", "--pairs", pairs, "--out", roomy).code == 0
+    assert outcomes(roomy) == {"a": ("ok", None)}
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_filtering_is_one_line_naming_the_file(cli, tiny_disk, tmp_path):
+    rng = np.random.default_rng(1)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    records = [
+        photo(
+            str(i), source="pairs", label=("positive", "negative")[i % 2],
+            description=" ".join("".join(rng.choice(letters, 8)) for _ in range(100)),
+        )
+        for i in range(100)
+    ]  # fmt: skip
+    data = tiny_disk / "data"
+    write_metadata(data, records)  # about 60 kB of text that compresses little
+    fill_disk(tiny_disk, leave=16_384)
+    before = file_digests(data)
+    result = cli("filter", data)
+    assert result.code == 1 and result.out == ""
+    error = one_line_error(result.err)
+    assert "No space left on device" in error and str(data / ".filter-work") in error, error
+    assert file_digests(data) == before and not (data / "filtered.parquet").exists()
+    (tiny_disk / "filler").unlink()
+    assert cli("filter", data).code == 0

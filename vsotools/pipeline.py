@@ -271,6 +271,7 @@ def run_recipe(
 
     started = time.monotonic()
     work = WorkFolder(workdir, recipe)
+    check_requirements(recipe, work.trainings)
     outcome = PipelineReport(workdir=work.root, plan=plan(recipe, work))
     for step in outcome.plan:
         log.info("plan: %s: %s", step.stage, step.describe())
@@ -346,6 +347,17 @@ def run_recipe(
 
 def _metrics(saved: dict[str, Any]) -> Metrics:
     return Metrics(**{key: saved[key] for key in Metrics.__dataclass_fields__})
+
+
+def check_requirements(recipe: Recipe, runs: dict[str, Path]) -> None:
+    """Refuse, before the first stage writes anything, a recipe that a later stage could not
+    run: a model whose own settings (``run.MODEL_set``) are invalid, or whose pretrained encoder
+    needs a package that is not installed. Found at the train stage, it would come after a
+    fetch of hours and shards of gigabytes."""
+    from vsotools.training import encoders
+
+    for model in runs:
+        encoders.require_packages(_model_recipe(recipe, model, runs).train)
 
 
 def _train_model(

@@ -660,7 +660,8 @@ def _add_train_commands(commands: argparse._SubParsersAction) -> None:
         " shards written by `vsotools shard`, streaming them. Writes RUN/checkpoint.pt,"
         " RUN/metrics.jsonl (one line per epoch: training and validation) and RUN/metrics.json"
         " (the selected model, scored once on the test split). Under `torchrun"
-        " --nproc_per_node N` it trains with DistributedDataParallel.",
+        " --nproc_per_node N` it trains with DistributedDataParallel. Without --recipe it"
+        " follows the recipe SHARDS was written with (its manifest holds it).",
     )
     train.add_argument("--shards", required=True, help="shard set folder or URL (s3://...)")
     train.add_argument("--out", required=True, type=Path, metavar="RUN", help="training folder")
@@ -732,7 +733,9 @@ def _train(args: argparse.Namespace) -> int:
     from vsotools.training.train import train
 
     folder = TrainingFolder(args.out)
-    recipe = resolve_recipe(args, default=folder.recipe if args.resume else None)
+    recipe = resolve_recipe(
+        args, default=folder.recipe if args.resume else _shard_set_recipe(args.shards)
+    )
     report = train(
         recipe,
         args.shards,
@@ -758,6 +761,14 @@ def _train(args: argparse.Namespace) -> int:
 
     emit(args, report.to_json(), text)
     return 0
+
+
+def _shard_set_recipe(shards: str) -> Any:
+    """The recipe a shard set was written with; None when it has no manifest (which ``train``
+    then reports) or its manifest holds no recipe."""
+    from vsotools.shards.manifest import written_with
+
+    return written_with(shards)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

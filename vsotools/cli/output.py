@@ -21,6 +21,8 @@ REMEDIES: dict[str, dict[str, str]] = {
         "elsewhere": "choose another --out",
     },
     "run": {"elsewhere": "choose another --workdir"},
+    "predict": {"elsewhere": "write to another --out"},
+    "anps": {"elsewhere": "write to another --out"},
     "demo": {"elsewhere": "choose another --workdir"},
 }
 """What each command offers for the remedies of ``errors.ExistingOutput``, as its own flags."""

@@ -88,11 +88,16 @@ def setting_assignments(args: argparse.Namespace) -> list[str]:
     return given
 
 
-def resolve_recipe(args: argparse.Namespace, default: Path | None = None) -> Recipe:
-    """The recipe a command runs with: ``--recipe`` (or ``default`` when that file exists, or the
-    built-in defaults), then every ``--set`` in order, then the setting flags; validated once."""
+def resolve_recipe(args: argparse.Namespace, default: Path | Recipe | None = None) -> Recipe:
+    """The recipe a command runs with: ``--recipe`` (or ``default``, the recipe its input was
+    made with: a file when it exists, or a recipe read from the input; else the built-in
+    defaults), then every ``--set`` in order, then the setting flags; validated once."""
     path = getattr(args, "recipe", None)
-    if path is None and default is not None and default.is_file():
+    if path is None and isinstance(default, Recipe):
+        # Not INFO: a refusal that follows (a missing package) must stay the one line on stderr.
+        log.debug("recipe: the one its input was made with")
+        return default.override_strings([*args.assignments, *setting_assignments(args)])
+    if path is None and isinstance(default, Path) and default.is_file():
         log.info("recipe: %s (the one its input was made with)", default)
         path = default
     return load_recipe(path, [*args.assignments, *setting_assignments(args)])

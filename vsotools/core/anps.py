@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from vsotools.core.errors import ManifestError
-from vsotools.core.files import atomic_open
+from vsotools.core.files import UnsafeFile, atomic_open, check_output_file, read_regular_file
 from vsotools.core.schema import NEGATIVE, POSITIVE
 
 MANIFEST_HEADER = ("anp", "adjective", "noun", "sentiment")
@@ -139,13 +139,19 @@ def anp_scores(anps: Iterable[Anp]) -> dict[str, float]:
     return {a.anp: a.sentiment for a in anps}
 
 
+MANIFEST_MAX_BYTES = 1 << 26
+"""The largest manifest or release file read (the VSO release file has 168 KB)."""
+
+
 def _read_lines(path: str | Path) -> list[str]:
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")
+        text = read_regular_file(path, MANIFEST_MAX_BYTES).decode("utf-8-sig")
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ManifestError(f"{path}: is a folder, not a file") from None
+    except UnsafeFile as exc:
+        raise ManifestError(f"the ANP file {exc.detail}") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read it ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return text.splitlines()
@@ -241,6 +247,7 @@ def write_manifest(anps: Iterable[Anp], path: str | Path) -> int:
 
 def import_release(src: str | Path, format: ReleaseFormat, out: str | Path) -> list[Anp]:
     """Parse a release file and write it as a project manifest; returns the ANPs written."""
+    check_output_file(out, inputs=(src,))
     anps = read_release(src, format)
     write_manifest(anps, out)
     return anps

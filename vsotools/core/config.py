@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from vsotools.core.errors import ConfigError
-from vsotools.core.files import atomic_write_text
+from vsotools.core.files import UnsafeFile, atomic_write_text, read_regular_file
 
 
 def setting(
@@ -965,14 +965,19 @@ def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return recipe.override_strings(overrides) if overrides else recipe
 
 
+RECIPE_MAX_BYTES = 1 << 20
+"""The largest recipe file read (the paper's recipes are about 2 KB)."""
+
+
 def _read_recipe_file(path: Path, *, validate: bool) -> Recipe:
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
+        data = tomllib.loads(read_regular_file(path, RECIPE_MAX_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: recipe not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: a folder, not a recipe file") from None
+    except UnsafeFile as exc:
+        raise ConfigError(f"the recipe {exc.detail}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the recipe ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:

@@ -8,6 +8,7 @@ A file written through ``atomic_open`` appears under its final name complete, or
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -16,11 +17,11 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from vsotools.core.errors import VsoError
+from vsotools.core.errors import ExistingOutput, VsoError
 
 
 @contextlib.contextmanager
@@ -37,20 +38,66 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        # mkstemp creates files readable by their owner alone; give them the usual mode.
-        os.fchmod(fd, 0o666 & ~_umask())
-        encoding = None if "b" in mode else "utf-8"
-        with os.fdopen(fd, mode, encoding=encoding) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
+        with naming_errors(path):
+            # mkstemp creates files readable by their owner alone; give them the usual mode.
+            os.fchmod(fd, 0o666 & ~_umask())
+            encoding = None if "b" in mode else "utf-8"
+            with os.fdopen(fd, mode, encoding=encoding) as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
+
+
+@contextlib.contextmanager
+def naming_errors(path: str | Path) -> Iterator[None]:
+    """Raise a system error that names no file, such as a write failing with "No space left
+    on device" (Python's, or pyarrow's "Error writing bytes to file"), naming ``path``: the
+    file being written. Errors without a system error number pass unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None or exc.filename is not None:
+            raise
+        raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from None
+
+
+def check_output_file(path: str | Path, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse, before any work, an output file that ``atomic_open`` must not replace: a path
+    holding something other than a regular file (a FIFO, a device such as ``/dev/null``, a
+    folder, a socket; symbolic links followed), or the same file as one of the command's
+    ``inputs`` under any name. Raises ``ExistingOutput`` ("elsewhere")."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(info.st_mode):
+        raise ExistingOutput(
+            f"{path} is {_file_kind(info.st_mode)}, not a file this command may replace",
+            "elsewhere",
+        )
+    for source in inputs:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(info, os.stat(source)):
+                raise ExistingOutput(
+                    f"{path} is {source}, an input of this command; it would be overwritten",
+                    "elsewhere",
+                )
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 @functools.cache
@@ -83,9 +130,10 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in blocks (a file of any size in flat memory)."""
+    """Hex sha256 of a file's bytes, read in blocks (a file of any size in flat memory); a
+    FIFO or a device is refused, never read (``open_regular_file``)."""
     digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
+    with open_regular_file(path) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -137,6 +185,10 @@ class FolderBusy(VsoError):
     """Another process is writing the same output folder."""
 
 
+class LockFileError(VsoError):
+    """An output folder's lock file is something else: a symbolic link, a folder, a device."""
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     """Hold ``FOLDER/.vsotools.lock`` while writing ``folder``; refuse a second writer at once.
@@ -151,7 +203,7 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    fd = _open_lock_file(path)
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -171,6 +223,27 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
 
 
 _PID_WIDTH = 20
+
+
+def _open_lock_file(path: Path) -> int:
+    """The lock file, opened for writing, or ``UnsafeFile``: a symbolic link is not followed
+    (a folder copied from someone else could point it at any file of the user's, which the
+    writer would then cut to its process id), and a FIFO or a device is not used (opened
+    without blocking, so a FIFO cannot hang the command)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o666 & ~_umask())
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LockFileError(f"{path} is a symbolic link, not a lock file; remove it") from None
+        if exc.errno == errno.EISDIR:
+            raise LockFileError(f"{path} is a folder, not a lock file; remove it") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise LockFileError(f"{path} is {_file_kind(mode)}, not a lock file; remove it")
+    return fd
 
 
 def _lock_holder(fd: int, patience: float = 1.0) -> int | None:
@@ -239,26 +312,36 @@ def contained_path(root: str | Path, name: str) -> Path:
     return path
 
 
-def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
-    """The bytes of a regular file of at most ``max_bytes``, never reading more than that.
+def open_regular_file(path: str | Path) -> IO[bytes]:
+    """``path`` opened for reading (binary), refused unless it is a regular file.
 
-    A FIFO, a device (``/dev/zero``), a folder or a socket is refused without reading from it
-    (opened non-blocking, so a FIFO without a writer cannot hang the caller); so is a file that
-    is, or grows, larger than ``max_bytes``. Raises FileNotFoundError, OSError or UnsafeFile.
+    A FIFO, a device (``/dev/zero``), a folder or a socket is refused as ``not_a_file`` without
+    being read (opened non-blocking, so a FIFO without a writer cannot hang the caller). Raises
+    FileNotFoundError, OSError or UnsafeFile.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UnsafeFile(NOT_A_FILE, f"{path} is not a regular file")
-        if info.st_size > max_bytes:
-            raise UnsafeFile(TOO_LARGE, f"{path} has {info.st_size:,} bytes > {max_bytes:,}")
-        chunks, size = [], 0
-        while chunk := os.read(fd, min(1 << 20, max_bytes + 1 - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > max_bytes:
-                raise UnsafeFile(TOO_LARGE, f"{path} has more than {max_bytes:,} bytes")
-        return b"".join(chunks)
-    finally:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnsafeFile(NOT_A_FILE, f"{path} is {_file_kind(mode)}, not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
         os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``, never reading more than that.
+
+    What ``open_regular_file`` refuses is refused; so is a file that is, or grows, larger than
+    ``max_bytes``. Raises FileNotFoundError, OSError or UnsafeFile.
+    """
+    with open_regular_file(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > max_bytes:
+            raise UnsafeFile(TOO_LARGE, f"{path} has {size:,} bytes > {max_bytes:,}")
+        data = fh.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise UnsafeFile(TOO_LARGE, f"{path} has more than {max_bytes:,} bytes")
+        return data

@@ -8,11 +8,17 @@ probability (which shows whether a collapsed model still ranks its inputs).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from vsotools.core.errors import VsoError
 from vsotools.core.schema import LABEL_NAMES, POSITIVE
+
+
+class ScoreError(VsoError):
+    """Scores that are not numbers (NaN): they have no rank and no side of a threshold."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,12 @@ def confusion_matrix(labels: Sequence[int], predictions: Sequence[int]) -> list[
 def compute_metrics(
     labels: Sequence[int], probabilities: Sequence[float], loss: float | None = None
 ) -> Metrics:
-    """Metrics of positive-class ``probabilities`` against 0/1 ``labels`` (predicted: p > 0.5)."""
+    """Metrics of positive-class ``probabilities`` against 0/1 ``labels`` (predicted: p > 0.5).
+
+    NaN probabilities (a model whose weights or inputs are not numbers) are refused with
+    ``ScoreError``: they would count as negative predictions and have no rank.
+    """
+    _refuse_nan(probabilities)
     predictions = [int(p > 0.5) for p in probabilities]
     matrix = confusion_matrix(labels, predictions)
     n = len(labels)
@@ -71,7 +82,12 @@ def compute_metrics(
 
 
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
-    """Probability that a random positive scores above a random negative (ties count half)."""
+    """Probability that a random positive scores above a random negative (ties count half).
+
+    A NaN score is refused with ``ScoreError`` (it is equal to nothing, not even itself, so it
+    could not be grouped with its ties).
+    """
+    _refuse_nan(scores)
     pairs = sorted(zip(scores, labels, strict=True))
     positives = sum(labels)
     negatives = len(labels) - positives
@@ -108,6 +124,15 @@ def format_confusion(matrix: list[list[int]]) -> str:
     for name, row in zip(LABEL_NAMES, matrix, strict=True):
         lines.append(f"true {name:>{width}} " + "  ".join(f"{v:>{width}}" for v in row))
     return "\n".join(lines)
+
+
+def _refuse_nan(scores: Sequence[float]) -> None:
+    nan = sum(1 for score in scores if math.isnan(score))
+    if nan:
+        raise ScoreError(
+            f"{nan:,} of {len(scores):,} scores are NaN: the model's weights or inputs are not"
+            " numbers"
+        )
 
 
 def _f1(tp: int, fp: int, fn: int) -> float:

@@ -45,6 +45,7 @@ from vsotools.core.anps import anp_scores, label_for_score, read_manifest
 from vsotools.core.config import Recipe
 from vsotools.core.engine import Task, open_engine
 from vsotools.core.errors import VsoError
+from vsotools.core.files import naming_errors
 from vsotools.core.text import clean_text, count_words
 from vsotools.dataset.folder import FILTERED_FILE, DatasetFolder, StageReport
 
@@ -219,6 +220,7 @@ def _filter(
             for index, batch in enumerate(_batches(dataset))
         )
         with (
+            naming_errors(survivors),
             pq.ParquetWriter(survivors, _LABELLED_SCHEMA) as writer,
             tqdm(total=rows, unit="photo", desc="filter", disable=not progress) as bar,
             open_engine(recipe.engine) as engine,
@@ -449,7 +451,7 @@ def _write_split(
 ) -> None:
     partial = work / out.name
     offset = 0
-    with pq.ParquetWriter(partial, schema.FILTERED_SCHEMA) as writer:
+    with naming_errors(partial), pq.ParquetWriter(partial, schema.FILTERED_SCHEMA) as writer:
         for batch in pq.ParquetFile(survivors).iter_batches(batch_size=_BATCH_ROWS):
             mask = keep[offset : offset + batch.num_rows]
             offset += batch.num_rows

@@ -36,7 +36,13 @@ import pyarrow.parquet as pq
 
 from vsotools.core.config import Recipe, output_settings, write_recipe
 from vsotools.core.errors import VsoError
-from vsotools.core.files import atomic_write_json, file_sha256, folder_lock, json_sha256
+from vsotools.core.files import (
+    UnsafeFile,
+    atomic_write_json,
+    file_sha256,
+    folder_lock,
+    json_sha256,
+)
 from vsotools.core.schema import STATUS_OK, sample_key
 from vsotools.core.status import (
     CURRENT,
@@ -356,5 +362,5 @@ def _optional_sha256(path: str) -> str | None:
         return None
     try:
         return file_sha256(path)
-    except OSError:
+    except (OSError, UnsafeFile):
         return None

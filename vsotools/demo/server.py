@@ -53,7 +53,7 @@ from urllib.parse import parse_qsl, urlsplit
 from PIL import Image
 
 from vsotools.core.errors import VsoError
-from vsotools.core.files import whole_number
+from vsotools.core.files import UnsafeFile, open_regular_file, read_regular_file, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ DEFAULT_CLIENT_TIMEOUT = 60.0
 """Seconds a client may leave a connection silent (mid-request or between requests)."""
 MAX_BODY = 1 << 20
 """Most bytes of a request body read; flickrapi's signed POSTs are well under 10 KB."""
+MAX_IMAGE_BYTES = 1 << 26
+"""Most bytes of an image file served (64 MiB); a larger one is answered 404."""
 
 HTTP_429_BODY = (
     b"<html><body><h1>429 Too Many Requests</h1>\n"
@@ -185,9 +187,14 @@ def load_corpus(folder: str | Path) -> list[CorpusPhoto]:
     folder = Path(folder)
     path = folder / "photos.jsonl"
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with open_regular_file(path) as fh:
+            lines = fh.read().decode("utf-8").splitlines()
     except FileNotFoundError:
         raise CorpusError(f"{path}: no such file (a corpus folder holds photos.jsonl)") from None
+    except UnsafeFile as exc:
+        raise CorpusError(f"the corpus file {exc.detail}") from None
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     photos: list[CorpusPhoto] = []
     seen: set[str] = set()
     for lineno, line in enumerate(lines, start=1):
@@ -242,9 +249,13 @@ def _corpus_photo(folder: Path, path: Path, lineno: int, raw: Mapping[str, Any])
         farm=_farm(path, lineno, raw.get("farm", 66)),
     )
     try:
-        with Image.open(photo.image) as image:
+        with open_regular_file(photo.image) as fh, Image.open(fh) as image:
             photo.width, photo.height = image.size
             photo.mime = _MIME.get(image.format or "", photo.mime)
+    except UnsafeFile:
+        # A FIFO would hang the server here and a request thread later; a folder is no image.
+        kind = "a folder" if photo.image.is_dir() else "not a regular file"
+        raise CorpusError(f"{path}:{lineno}: image {text('image')!r} is {kind}") from None
     except (OSError, SyntaxError, ValueError):
         pass  # served as is; the client decides what it is (missing files answer 404)
     longest = max(photo.width or 0, photo.height or 0)
@@ -579,10 +590,10 @@ def _xml_photo(fields: Mapping[str, Any], description: str | None) -> str:
 
 
 def _int_param(params: Mapping[str, str], key: str, default: int) -> int:
-    try:
-        return int(params.get(key, default))
-    except ValueError:
-        return default
+    """A page or per_page parameter: a whole number of at most 6 digits, else ``default``, as
+    Flickr reads one it cannot (so ``page=`` and 39 digits is not echoed back as 10^38)."""
+    number = whole_number(params.get(key, ""), max_digits=6)
+    return default if number is None else number
 
 
 def _timestamp(value: str) -> int | None:
@@ -821,8 +832,10 @@ class _Handler(BaseHTTPRequestHandler):
         if photo.image.resolve() != photo.image:
             return Response(404, b"", "text/html; charset=utf-8")
         try:
-            data = photo.image.read_bytes()
-        except OSError:
+            # Not read_bytes: a FIFO put in place of the image since the start would hold this
+            # thread for ever, and a device such as /dev/zero would never end.
+            data = read_regular_file(photo.image, MAX_IMAGE_BYTES)
+        except (OSError, UnsafeFile):
             return Response(404, b"", "text/html; charset=utf-8")
         if self.server.photo_fault("truncated", photo.id):
             return Response(200, data[: len(data) // 2], photo.mime, fault="truncated")

@@ -28,6 +28,7 @@ import flickrapi
 import requests
 
 from vsotools.core.errors import VsoError
+from vsotools.core.files import UnsafeFile, read_regular_file
 from vsotools.core.ratelimit import TokenBucket, parse_retry_after, retry_delay
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,10 @@ class Credentials:
     secret: str = field(repr=False, default="")
 
 
+CREDENTIALS_MAX_BYTES = 1 << 16
+"""The largest credentials file read: two lines of a key and a secret."""
+
+
 def load_credentials(
     path: str | Path | None = None, environ: Mapping[str, str] | None = None
 ) -> Credentials:
@@ -76,7 +81,9 @@ def load_credentials(
     values: dict[str, str] = {}
     if path is not None:
         try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
+            lines = read_regular_file(path, CREDENTIALS_MAX_BYTES).decode("utf-8").splitlines()
+        except UnsafeFile as exc:
+            raise FlickrAuthError(f"the credentials file {exc.detail}") from None
         except OSError as exc:
             raise FlickrAuthError(
                 f"{path}: cannot read the credentials file ({exc.strerror})"

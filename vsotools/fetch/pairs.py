@@ -8,13 +8,16 @@ relative to the file's folder, or an ``http(s)`` URL. Other columns are ignored.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from vsotools.core.errors import VsoError
+from vsotools.core.files import UnsafeFile, open_regular_file
 from vsotools.core.schema import GIVEN_LABELS
 
 PAIRS_COLUMNS = ("id", "text", "label", "image")
@@ -51,6 +54,11 @@ class BadRow:
     reason: str
 
 
+def check_pairs(path: str | Path) -> int:
+    """Read the whole pairs file as ``read_pairs`` does; return how many pairs it holds."""
+    return sum(1 for _ in read_pairs(path))
+
+
 def read_pairs(path: str | Path) -> Iterator[Pair]:
     """The pairs of a file, in file order; refuses a bad row, a repeated id, or a file without
     pairs (once its end is reached, so that a caller storing the pairs as they come can undo
@@ -78,9 +86,23 @@ def _pairs(path: Path, columns: tuple[str, ...]) -> Iterator[Pair | BadRow]:
         raise PairsError(
             f"{path}: unknown pairs format {path.suffix!r} (use .jsonl, .csv or .parquet)"
         )
-    if not path.is_file():
-        raise PairsError(f"{path}: no such file")
-    rows = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}[kind](path, columns)
+    try:
+        source = open_regular_file(path)
+    except FileNotFoundError:
+        raise PairsError(f"{path}: no such file") from None
+    except UnsafeFile as exc:
+        raise PairsError(f"the pairs file {exc.detail}") from None
+    except OSError as exc:
+        raise PairsError(f"{path}: cannot read the pairs file ({exc.strerror})") from None
+    with source:
+        yield from _checked_pairs(path, kind, source, columns)
+
+
+def _checked_pairs(
+    path: Path, kind: str, source: BinaryIO, columns: tuple[str, ...]
+) -> Iterator[Pair | BadRow]:
+    readers = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}
+    rows = readers[kind](path, source, columns)
     seen: dict[str, int] = {}
     for line, row in _utf8(rows, path):
         try:
@@ -110,21 +132,48 @@ def _utf8(rows: Iterator[tuple[int, Mapping[str, Any]]], path: Path):
         ) from None
 
 
-def _jsonl_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8-sig") as fh:
-        for line, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield line, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield line, _NotJson(exc.msg)
-            except RecursionError:
-                yield line, _NotJson("nested too deeply")
+MAX_LINE = 1 << 22
+"""The longest line of a JSONL pairs file read, in characters (4 Mi): a line is parsed whole."""
 
 
-def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8-sig", newline="") as fh:
+def _jsonl_rows(
+    path: Path, source: BinaryIO, columns: tuple[str, ...]
+) -> Iterator[tuple[int, Any]]:
+    fh = io.TextIOWrapper(source, encoding="utf-8-sig")
+    line = 0
+    while text := fh.readline(MAX_LINE + 1):
+        line += 1
+        if len(text) > MAX_LINE:
+            while len(text) > MAX_LINE and not text.endswith("\n"):  # the rest of that line
+                text = fh.readline(MAX_LINE + 1)
+            yield line, _NotJson(f"a line of more than {MAX_LINE:,} characters")
+            continue
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        except json.JSONDecodeError as exc:
+            row = _NotJson(exc.msg)
+        except ValueError as exc:  # NaN, Infinity, 1e400, an integer of thousands of digits
+            row = _NotJson(str(exc))
+        except RecursionError:
+            row = _NotJson("nested too deeply")
+        yield line, row
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a value JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is too large a number")
+    return value
+
+
+def _csv_rows(path: Path, source: BinaryIO, columns: tuple[str, ...]) -> Iterator[tuple[int, Any]]:
+    with io.TextIOWrapper(source, encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh)
         try:
             missing = [c for c in columns if c not in (reader.fieldnames or [])]
@@ -138,11 +187,13 @@ def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, Any]]
             raise PairsError(f"{path}:{line}: not CSV this reader takes ({exc})") from None
 
 
-def _parquet_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, Any]]:
+def _parquet_rows(
+    path: Path, source: BinaryIO, columns: tuple[str, ...]
+) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(source)
     except Exception as exc:  # pyarrow raises ArrowInvalid and others for a damaged file
         raise PairsError(f"{path}: not a readable Parquet file ({exc})") from None
     names = parquet.schema_arrow.names
@@ -174,6 +225,8 @@ def _pair(line: int, row: Any, columns: tuple[str, ...]) -> Pair:
         if isinstance(row.get(column), list | dict):
             kind = "list" if isinstance(row[column], list) else "object"
             raise PairsError(f"{column} is a JSON {kind}, not a single value")
+        if isinstance(row.get(column), float) and not math.isfinite(row[column]):
+            raise PairsError(f"{column} is {row[column]}, not a value")
     pair_id = _scalar_text(row["id"])
     if not pair_id:
         raise PairsError("empty id")

@@ -34,12 +34,12 @@ from vsotools.core.anps import Anp, label_for_score, read_manifest
 from vsotools.core.config import Recipe
 from vsotools.core.engine import PROBE_PREFIX, Engine, Task, open_engine
 from vsotools.core.errors import ConfigError
-from vsotools.core.files import file_sha256
+from vsotools.core.files import UnsafeFile, file_sha256
 from vsotools.core.schema import SOURCE_FLICKR, SOURCE_PAIRS
 from vsotools.dataset.folder import DatasetFolder, StageReport
 from vsotools.fetch.client import Credentials, FlickrClient, FoundPhoto
 from vsotools.fetch.download import Downloader, DownloadSettings, Outcome
-from vsotools.fetch.pairs import PairsError, read_pairs
+from vsotools.fetch.pairs import PairsError, check_pairs, read_pairs
 from vsotools.fetch.parts import DownloadJob, download_part, fetch_image
 from vsotools.fetch.search import PageSummary, anp_query, search_anp
 from vsotools.fetch.store import PendingPhoto, StateError, Store
@@ -98,6 +98,11 @@ def fetch(
     pairs = Path(recipe.fetch.pairs) if recipe.fetch.pairs else None
     if pairs is None and credentials is None:
         raise ConfigError("a crawl needs Flickr credentials (FLICKR_API_KEY)")
+    if pairs is not None and not folder.state_file.exists():
+        # A first run reads the pairs file whole before making anything: a file refused at
+        # any row leaves no trace (no folder, lock or state), and the same folder takes it
+        # once fixed.
+        check_pairs(pairs)
     with folder.lock():
         pairs_sha256 = None if pairs is None else _pairs_sha256(pairs)
         inputs = folder.fetch_inputs(recipe, pairs_sha256)
@@ -363,6 +368,8 @@ def _pairs_sha256(path: Path) -> str:
         return file_sha256(path)
     except FileNotFoundError:
         raise PairsError(f"{path}: no such file") from None
+    except UnsafeFile as exc:
+        raise PairsError(f"the pairs file {exc.detail}") from None
     except OSError as exc:
         raise PairsError(f"{path}: cannot read the pairs file ({exc.strerror})") from None
 

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vsotools.core.errors import VsoError
-from vsotools.core.files import atomic_open
+from vsotools.core.files import atomic_open, naming_errors
 from vsotools.core.schema import (
     PHOTO_SCHEMA,
     PHOTO_SOURCE_FIELDS,
@@ -348,7 +348,7 @@ class Store:
         assert outcome.data is not None and outcome.ext is not None
         incoming = self.root / INCOMING_DIR
         partial = incoming / f"{photo.seq}.partial"
-        with partial.open("wb") as fh:
+        with naming_errors(partial), partial.open("wb") as fh:
             fh.write(outcome.data)
         named = incoming / (
             f"{photo.seq}.{outcome.sha256}.{outcome.image_bytes}"

@@ -38,8 +38,11 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from vsotools.core.config import Recipe, recipe_from_dict
+from vsotools.core.errors import ConfigError
 from vsotools.core.files import json_bytes, json_sha256
 from vsotools.core.status import CURRENT, MISSING, STALE, UNFINISHED, Status, changes
 from vsotools.core.storage import Location, as_location, join
@@ -191,6 +194,21 @@ def read_manifest(location: str | os.PathLike[str] | Location) -> ShardManifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ShardSetError(f"{where.url_of(MANIFEST_NAME)}: not valid JSON ({exc})") from None
     return ShardManifest.from_json(parsed, where.url_of(MANIFEST_NAME))
+
+
+def written_with(location: str | os.PathLike[str] | Location) -> Recipe | None:
+    """The recipe the shard set at ``location`` was written with, as its manifest holds it;
+    None when there is no manifest, or it holds no recipe."""
+    where = as_location(location)
+    if where.size(MANIFEST_NAME) is None:
+        return None
+    manifest = read_manifest(where)
+    if not manifest.recipe:
+        return None
+    try:
+        return recipe_from_dict(manifest.recipe, base_dir=Path("/"), validate=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{where.url_of(MANIFEST_NAME)}: the recipe it holds: {exc}") from None
 
 
 def write_manifest(location: str | os.PathLike[str] | Location, manifest: ShardManifest) -> None:

@@ -41,6 +41,7 @@ import torch
 from vsotools.core.config import Recipe, recipe_from_dict, recipe_to_toml
 from vsotools.core.errors import VsoError
 from vsotools.core.extras import first_line
+from vsotools.core.files import UnsafeFile, open_regular_file
 from vsotools.training import encoders
 from vsotools.training.minilm import TextTokenizer
 from vsotools.training.models import SentimentNet, build_model
@@ -132,10 +133,13 @@ def load_weights_file(path: str | Path) -> Any:
     """Whatever a torch file holds (read with ``weights_only=True`` onto the CPU): a vsotools
     checkpoint or, for ``train.init_image``, a plain state dict."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular_file(path) as fh:
+            return torch.load(fh, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except UnsafeFile as exc:
+        raise CheckpointError(f"the checkpoint {exc.detail}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(exc)})") from None
 
@@ -162,16 +166,26 @@ def checked_version(state: dict[str, Any], path: str | Path) -> dict[str, Any]:
 
 def recipe_of(state: dict[str, Any]) -> Recipe:
     """The resolved recipe a checkpoint was trained with."""
-    return recipe_from_dict(tomllib.loads(state["recipe"]), base_dir=Path("/"))
+    text = state.get("recipe")
+    if not isinstance(text, str):
+        raise CheckpointError("the checkpoint holds no recipe (TOML text)")
+    try:
+        return recipe_from_dict(tomllib.loads(text), base_dir=Path("/"))
+    except (tomllib.TOMLDecodeError, VsoError) as exc:
+        raise CheckpointError(
+            f"the checkpoint's recipe is unreadable ({first_line(exc)})"
+        ) from None
 
 
 def vocabulary_of(state: dict[str, Any]) -> Vocabulary | None:
     words = state.get("vocab")
     if words is None:
         return None
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise CheckpointError("the checkpoint's vocabulary is not a list of words")
     return Vocabulary(
         words[len(SPECIALS) :],
-        lowercase=bool(state["lowercase"]),
+        lowercase=bool(state.get("lowercase", True)),
         tweets=bool(state.get("tweet_tokens", False)),
     )
 
@@ -189,18 +203,60 @@ def model_of(
     recipe = recipe_of(state)
     config = recipe.train
     reader: Vocabulary | TextTokenizer | None = vocabulary_of(state)
+    kim_cnn = encoders.has_branch(config, "text") and not encoders.is_pretrained(config, "text")
+    if reader is None and kim_cnn:
+        raise CheckpointError(
+            f"the checkpoint's {config.model} model reads text but holds no vocabulary"
+        )
     embeddings = None if reader is None else torch.zeros(len(reader), config.word_dim)
     text = image = None
     if encoders.is_pretrained(config, "text"):
         if not state.get("text_spec"):
             raise CheckpointError("the checkpoint's MiniLM text branch has no description")
-        text, reader = encoders.text_from_spec(state["text_spec"])
+        try:
+            text, reader = encoders.text_from_spec(state["text_spec"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(
+                f"the checkpoint's MiniLM text branch has an unreadable description"
+                f" ({type(exc).__name__}: {first_line(exc)})"
+            ) from None
     if encoders.is_pretrained(config, "image"):
         image = encoders.blank_image()
     model = build_model(config, embeddings, text=text, image=image)
-    model.load_state_dict(state["model"])
+    _load_weights(model, state.get("model"), config.model)
     model.eval()
     return model, recipe, reader
+
+
+def _load_weights(model: SentimentNet, weights: Any, kind: str) -> None:
+    """Load a checkpoint's state dict into ``model``, refusing one that does not fit it or
+    holds weights that are not numbers (a training that diverged): such a model would score
+    every input NaN."""
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, torch.Tensor) for v in weights.values()
+    ):
+        raise CheckpointError("the checkpoint's model is not a state dict of tensors")
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"the checkpoint's weights do not fit its {kind} model ({first_line(exc)})"
+        ) from None
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"the checkpoint's weight {name} holds NaN or infinite values")
+
+
+def load_model(
+    path: str | Path,
+) -> tuple[SentimentNet, Recipe, Vocabulary | TextTokenizer | None]:
+    """``model_of`` the checkpoint file at ``path``; a checkpoint that loads but does not hold
+    a model vsotools can rebuild is refused in one line naming the file."""
+    state = load_checkpoint(path)
+    try:
+        return model_of(state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def rng_state() -> dict[str, Any]:

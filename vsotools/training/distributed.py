@@ -89,6 +89,16 @@ def all_sum(context: Context, values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def any_rank(context: Context, flag: torch.Tensor) -> bool:
+    """Whether ``flag`` (a boolean tensor on this rank's device) is true on some rank; every
+    rank gets the same answer."""
+    value = flag.to(torch.int64).reshape(())
+    if context.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def gather_objects(context: Context, obj: Any) -> list[Any]:
     """``obj`` of every rank, in rank order (picklable objects)."""
     if not context.distributed:

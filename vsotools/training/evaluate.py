@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vsotools.core.metrics import Metrics
+from vsotools.core.metrics import Metrics, ScoreError
 from vsotools.core.schema import TEST
 from vsotools.training import checkpoint as ckpt
 from vsotools.training import distributed
@@ -59,8 +59,7 @@ def evaluate(
     ``batch_size`` and ``workers`` default to the training's recipe; ``check`` compares what
     every shard gives with its manifest entry.
     """
-    state = ckpt.load_checkpoint(checkpoint)
-    model, recipe, vocab = ckpt.model_of(state)
+    model, recipe, vocab = ckpt.load_model(checkpoint)
     config = recipe.train
     target = distributed.resolve_device(device)
     model.to(target)
@@ -85,10 +84,14 @@ def evaluate(
     mover = model_input.mover(target, channels_last=channels_last)
     dtype = autocast_dtype(config.precision, target)
     outputs = evaluate_batches(model, loader, mover, dtype, progress=progress, desc=split)
+    try:
+        metrics = outputs.metrics()
+    except ScoreError as exc:
+        raise ScoreError(f"{checkpoint} on {split} of {shards}: {exc}") from None
     return EvaluationReport(
         checkpoint=Path(checkpoint),
         model=config.model,
         shards=str(shards),
         split=split,
-        metrics=outputs.metrics(),
+        metrics=metrics,
     )

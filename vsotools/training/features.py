@@ -24,6 +24,8 @@ import torch
 from tqdm import tqdm
 
 from vsotools.core.config import TrainConfig
+from vsotools.core.errors import VsoError
+from vsotools.core.extras import first_line
 from vsotools.core.files import atomic_open, json_sha256
 from vsotools.training import distributed
 from vsotools.training.data import ModelInput, ShardSet, split_stream
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 
 INPUT_OF = {"text": "text_features", "image": "image_features"}
 """The ``SentimentNet.forward`` argument that takes each branch's features."""
+
+
+class FeaturesError(VsoError):
+    """Stored features lack a sample the loader gives."""
 
 
 @dataclass
@@ -57,7 +63,9 @@ class FeatureStore:
             try:
                 index = torch.tensor([rows[key] for key in keys])
             except KeyError as exc:
-                raise KeyError(f"no {branch} features for sample {exc.args[0]}") from None
+                raise FeaturesError(
+                    f"the stored {branch} features have none for sample {exc.args[0]}"
+                ) from None
             found[INPUT_OF[branch]] = self.matrices[branch][index].to(device, non_blocking=True)
         return found
 
@@ -98,14 +106,16 @@ def compute_features(
         path = folder / f"features-{branch}-{_fingerprint(module, branch_input, shard_set)[:20]}.pt"
         # Rank 0 alone looks for the file (only it writes there; other machines may not see
         # it), so every rank either receives the stored features or joins in computing them.
-        found = _read(path) if context.is_main and path.is_file() else (None, None)
+        found = (None, None)
+        if context.is_main and path.is_file():
+            found = _read(path, branch, module.feature_dim, _samples(shard_set))
         keys, matrix = distributed.broadcast_object(context, found)
         if keys is None:
             keys, matrix = _compute(
                 module, branch, branch_input, shard_set, config, context, dtype, check, progress
             )
             if context.is_main:
-                _write(path, keys, matrix)
+                _write(path, branch, keys, matrix)
         else:
             log.info("%s features of %s samples read from %s", branch, f"{len(keys):,}", path)
         store.rows[branch] = {key: row for row, key in enumerate(keys)}
@@ -180,18 +190,54 @@ def _fingerprint(module: torch.nn.Module, branch_input: ModelInput, shard_set: S
     )
 
 
-def _read(path: Path) -> tuple[list[str] | None, torch.Tensor | None]:
+def _samples(shard_set: ShardSet) -> int:
+    return sum(shard_set.samples(split) for split in shard_set.manifest.splits)
+
+
+def _read(
+    path: Path, branch: str, width: int, samples: int
+) -> tuple[list[str] | None, torch.Tensor | None]:
+    """The keys and features stored at ``path``, when they are what its name says: ``branch``'s
+    features, ``width`` wide, one row for each of the ``samples`` samples of the shard set, all
+    numbers. Anything else is computed again, saying why, never trusted."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        return list(saved["keys"]), saved["features"]
-    except Exception:  # an unreadable cache file is computed again, never trusted
-        log.warning("%s is unreadable: computing the features again", path)
+    except Exception as exc:  # torch raises many kinds for a damaged file
+        log.warning("%s is unreadable (%s): computing the features again", path, first_line(exc))
         return None, None
+    why = _misfit(saved, branch, width, samples)
+    if why is not None:
+        log.warning("%s does not fit: %s; computing the features again", path, why)
+        return None, None
+    return list(saved["keys"]), saved["features"]
 
 
-def _write(path: Path, keys: list[str], matrix: torch.Tensor) -> None:
+def _misfit(saved: Any, branch: str, width: int, samples: int) -> str | None:
+    """Why ``saved`` is not the stored features of ``branch``, or None when it is."""
+    if not isinstance(saved, dict) or not {"keys", "features"} <= saved.keys():
+        return "it holds no keys and features"
+    keys, matrix = saved["keys"], saved["features"]
+    if saved.get("branch", branch) != branch:
+        return f"it holds the {saved['branch']} branch's features, not the {branch} branch's"
+    if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+        return "its keys are not a list of sample keys"
+    if not isinstance(matrix, torch.Tensor) or not matrix.is_floating_point() or matrix.dim() != 2:
+        return "its features are not a matrix of numbers"
+    if matrix.shape[1] != width:
+        return f"its features are {matrix.shape[1]} wide, the {branch} branch's {width}"
+    if not len(keys) == len(set(keys)) == matrix.shape[0] == samples:
+        return (
+            f"it holds {len(set(keys)):,} keys and {matrix.shape[0]:,} rows for the shard set's"
+            f" {samples:,} samples"
+        )
+    if not torch.isfinite(matrix).all():
+        return "its features hold NaN or infinite values"
+    return None
+
+
+def _write(path: Path, branch: str, keys: list[str], matrix: torch.Tensor) -> None:
     with atomic_open(path, "wb") as fh:
-        torch.save({"keys": keys, "features": matrix}, fh)
+        torch.save({"branch": branch, "keys": keys, "features": matrix}, fh)
 
 
 def frozen_now(model: SentimentNet, config: TrainConfig, epoch: int) -> frozenset[str]:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from vsotools.core.config import Recipe
 from vsotools.core.errors import VsoError
-from vsotools.core.files import atomic_open
+from vsotools.core.files import atomic_open, check_output_file
 from vsotools.core.text import clean_text
 from vsotools.fetch.download import Downloader, DownloadSettings, read_local_image
 from vsotools.fetch.pairs import BadRow, Pair, read_pairs_leniently
@@ -31,6 +31,7 @@ from vsotools.training import distributed
 from vsotools.training.data import ModelInput
 from vsotools.training.inference import (
     Prediction,
+    PredictionInputError,
     autocast_dtype,
     positive_probabilities,
     predict_one,
@@ -59,11 +60,10 @@ def predict(
     device: str = "auto",
 ) -> Prediction:
     """The label and its probability for one image and/or text (what the model reads)."""
-    state = ckpt.load_checkpoint(checkpoint)
-    model, recipe, reader = ckpt.model_of(state)
+    model, recipe, reader = ckpt.load_model(checkpoint)
     model.to(distributed.resolve_device(device))
     data = _read_image(Path(image), recipe) if image is not None else None
-    text = clean_text(text) if text is not None else None
+    text = clean_text(_utf8(text)) if text is not None else None
     return predict_one(model, ModelInput.of(recipe.train, reader), recipe, image=data, text=text)
 
 
@@ -73,6 +73,18 @@ def _read_image(path: Path, recipe: Recipe) -> bytes:
     if not outcome.ok:
         raise VsoError(f"{path}: image refused: {outcome.error}: {outcome.detail}".rstrip(": "))
     return outcome.data or b""
+
+
+def _utf8(text: str) -> str:
+    """``text``, refused in one line when it holds what UTF-8 cannot write: the command line
+    hands bytes that are not UTF-8 over as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PredictionInputError(
+            f"the text is not UTF-8: character {exc.start + 1} stands for a byte that is not"
+        ) from None
+    return text
 
 
 @dataclass
@@ -112,8 +124,8 @@ def predict_pairs(
     image or text cannot be used gets its reason in the ``error`` column, not a prediction.
     """
     pairs, out = Path(pairs), Path(out)
-    state = ckpt.load_checkpoint(checkpoint)
-    model, recipe, reader = ckpt.model_of(state)
+    check_output_file(out, inputs=(checkpoint, pairs))
+    model, recipe, reader = ckpt.load_model(checkpoint)
     target = distributed.resolve_device(device)
     model.to(target).eval()
     model_input = ModelInput.of(recipe.train, reader)

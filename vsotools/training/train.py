@@ -425,6 +425,7 @@ def run_epoch(
         state, model, loader, session, frozen=frozen, features=features,
         desc=f"epoch {epoch + 1}/{config.epochs}",
     )  # fmt: skip
+    stop_if_diverged(session, state, stats)
     # Per-rank step counts matter (and are shown) when several processes train.
     log.log(
         logging.INFO if context.world_size > 1 else logging.DEBUG,
@@ -453,6 +454,10 @@ class EpochStats:
     loss_sum: float
     correct: int
     seconds: float
+    diverged_at: int | None = None
+    """The first of the epoch's steps whose loss on this rank was NaN or infinite."""
+    diverged: bool = False
+    """Whether the loss of some rank was NaN or infinite (the epoch then stopped early)."""
 
 
 def train_one_epoch(
@@ -480,6 +485,7 @@ def train_one_epoch(
     device = mover.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
+    diverged_at = torch.full((), -1, device=device, dtype=torch.int64)
     samples = 0
     done = 0
     started = time.perf_counter()
@@ -492,6 +498,7 @@ def train_one_epoch(
         with autocast(device, session.dtype):
             logits = model(**inputs)
         loss = session.criterion(logits.float(), labels)
+        diverged_at = _first_nonfinite(diverged_at, loss, done + 1)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -510,8 +517,16 @@ def train_one_epoch(
                 lr=f"{state.lr:.2e}",
             )
         bar.update()
+        # Every rank asks at the same steps, and all stop together: a rank that stopped alone
+        # would leave the others waiting for it in their next gradient all-reduce.
+        if done % DIVERGENCE_CHECK_STEPS == 0 and distributed.any_rank(
+            session.context, diverged_at >= 0
+        ):
+            break
     bar.close()
-    if done != steps:
+    first_nonfinite = int(diverged_at.item())
+    diverged = distributed.any_rank(session.context, diverged_at >= 0)
+    if done != steps and not diverged:
         raise VsoError(f"the loader gave {done} batches where the epoch has {steps} steps")
     return EpochStats(
         steps=done,
@@ -519,6 +534,50 @@ def train_one_epoch(
         loss_sum=loss_sum.item(),
         correct=int(correct.item()),
         seconds=time.perf_counter() - started,
+        diverged_at=first_nonfinite if first_nonfinite >= 0 else None,
+        diverged=diverged,
+    )
+
+
+DIVERGENCE_CHECK_STEPS = 20
+"""Every this many steps the ranks ask their devices whether the loss is still a number: asking
+every step would wait for the GPU each time."""
+
+
+class TrainingDiverged(VsoError):
+    """The training loss, or the weights, stopped being numbers (NaN or infinite)."""
+
+
+def _first_nonfinite(diverged_at: torch.Tensor, loss: torch.Tensor, step: int) -> torch.Tensor:
+    """``step`` if it is the first whose ``loss`` is NaN or infinite, else ``diverged_at``
+    (-1 while every loss was a number); computed on the device, without waiting for it."""
+    first = (diverged_at < 0) & ~torch.isfinite(loss.detach())
+    return torch.where(first, torch.full_like(diverged_at, step), diverged_at)
+
+
+def stop_if_diverged(session: Session, state: TrainState, stats: EpochStats) -> None:
+    """Stop a training whose loss or weights are no longer numbers, before the epoch's model is
+    evaluated or saved: the checkpoints of the last good epoch stay as they are (``state``
+    still counts the epochs and steps finished before this one)."""
+    weights_finite = all(bool(torch.isfinite(p).all()) for p in state.model.parameters())
+    if not stats.diverged and weights_finite:
+        return
+    at = stats.diverged_at
+    where = (
+        f"step {state.step + at}"
+        if at is not None
+        else f"its last step ({state.step + stats.steps})"
+    )
+    what = "the training loss" if stats.diverged else "the weights"
+    folder = session.folder
+    kept = (
+        f"{folder.last} keeps epoch {state.epoch}"
+        if state.epoch
+        else "no epoch finished, nothing was saved"
+    )
+    raise TrainingDiverged(
+        f"{folder}: epoch {state.epoch + 1}, {where}: {what} became NaN or infinite; the training"
+        f" diverged (a learning rate too high?) and stopped; {kept}"
     )
 
 
