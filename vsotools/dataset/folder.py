@@ -42,6 +42,7 @@ from vsotools.core.files import (
     file_sha256,
     folder_lock,
     json_sha256,
+    naming_errors,
 )
 from vsotools.core.schema import STATUS_OK, sample_key
 from vsotools.core.status import (
@@ -155,7 +156,7 @@ class ImageStore:
             self.location.write_bytes(name, data)
             return
         partial = self.data_dir / INCOMING_DIR / f"{seq}.partial"
-        with partial.open("wb") as fh:
+        with naming_errors(partial), partial.open("wb") as fh:
             fh.write(data)
         final = self.data_dir / name
         final.parent.mkdir(parents=True, exist_ok=True)
