@@ -296,3 +296,92 @@ def test_a_replacement_interrupted_between_its_renames_is_settled(tmp_path):
     run.replace_with(run.replacement())
     assert (run.root / "metrics.json").read_text() == "newer"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-text"]
+
+
+def test_a_checkpoint_not_yet_published_when_the_training_was_killed_is_published_on_resume(
+    cli, trained, tmp_path
+):
+    """Killed between writing last.pt and linking checkpoint.pt to it: the kept model is the
+    last epoch's, but checkpoint.pt still held the one before; a resume that trained on would
+    have reported epoch N's figures for epoch N-1's model."""
+    import torch
+
+    from vsotools.training import checkpoint as ckpt
+
+    shards, finished = trained
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = digests(run)
+    older = ckpt.load_checkpoint(run / "last.pt")
+    older["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in older["model"].items()}
+    (run / "checkpoint.pt").unlink()  # a file of its own, no longer last.pt's link
+    torch.save(older, run / "checkpoint.pt")
+    (run / "metrics.json").unlink()
+    again = train_again(cli, shards, run)
+    assert again.code == 0, again.err
+    assert digests(run) == before
+
+
+def test_a_shard_set_whose_manifest_is_cut_and_whose_job_is_gone_is_written_again(cli, copy):
+    shards = copy / "shards"
+    before = digests(shards)
+    shutil.rmtree(shards / "_parts")
+    damage(shards / "manifest.json", "truncate")
+    again = cli("shard", copy / "data", "--out", shards, *SHARD_ARGS)
+    assert again.code == 0, again.err
+    assert "missing or damaged: manifest.json" in again.out
+    assert {k: v for k, v in digests(shards).items() if not k.startswith("_parts/")} == {
+        k: v for k, v in before.items() if not k.startswith("_parts/")
+    }
+
+
+def test_downscaled_images_count_by_the_size_they_are_stored_with(cli, built, tmp_path):
+    """Bug: with fetch.max_side set, the photo records held the served size of an image and the
+    store the downscaled one: every image looked damaged, and every rerun fetched all again."""
+    data = tmp_path / "data"
+    args = ["fetch", "--pairs", built / "pairs.jsonl", "--out", data, "--set", "fetch.max_side=40"]
+    assert cli(*args).code == 0
+    again = cli(*args)
+    assert again.code == 0 and "nothing to do" in again.out, again.out + again.err
+    before = digests(data)
+    damage(data / "images/00000/p5.jpg", "truncate")
+    repaired = cli(*args)
+    assert "missing or damaged: images/00000/p5.jpg" in repaired.out
+    assert digests(data) == before
+
+
+def test_a_setting_that_decided_the_photos_already_fetched_is_pinned(cli, built, copy):
+    """A rerun with another min_side would leave the photos fetched under the old one as they
+    were, and record the folder as made with the new one: refused, naming the setting."""
+    refused = cli(
+        "fetch", "--pairs", built / "pairs.jsonl", "--out", copy / "data",
+        "--set", "fetch.min_side=250",
+    )  # fmt: skip
+    assert refused.code == 1
+    assert "was started with fetch.min_side = 32, now 250" in refused.err
+
+
+def test_a_resume_links_checkpoint_pt_to_last_pt_when_the_last_epoch_is_the_one_kept(
+    trained, tmp_path
+):
+    """What a resume does first (rank 0), before it trains on: whatever epochs follow, the kept
+    model is then checkpoint.pt, not the one before it."""
+    import os
+
+    import torch
+
+    from vsotools.training import checkpoint as ckpt
+    from vsotools.training.folder import TrainingFolder
+    from vsotools.training.train import _repair_links
+
+    _, finished = trained
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "checkpoint.pt").unlink()
+    torch.save(ckpt.load_checkpoint(run / "last.pt"), run / "checkpoint.pt")  # another file
+    assert not os.path.samefile(run / "checkpoint.pt", run / "last.pt")
+    _repair_links(TrainingFolder(run))
+    assert os.path.samefile(run / "checkpoint.pt", run / "last.pt")
+    (run / "last.pt").unlink()
+    _repair_links(TrainingFolder(run))  # finished, the last epoch kept: last.pt comes back
+    assert os.path.samefile(run / "checkpoint.pt", run / "last.pt")

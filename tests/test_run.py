@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -427,3 +428,37 @@ def test_run_checks_every_stage_s_packages_before_the_first_stage(pairs_recipe, 
         " transformers: pip install 'vsotools[pretrained]'"
     ]
     assert not workdir.exists(), "no stage ran: nothing fetched, filtered or sharded"
+
+
+@pytest.mark.slow
+def test_a_work_folder_moved_elsewhere_is_still_current(pairs_recipe, finished, cli, tmp_path):
+    """The fusion starts from the branches' checkpoints by their bytes, not by where they lie:
+    a work folder copied elsewhere holds the same, current trainings."""
+    workdir, _ = finished
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved)
+    again = cli("run", pairs_recipe, "--workdir", moved)
+    assert again.code == 0, again.err
+    assert "nothing to do: every output is complete and current" in again.out
+
+
+@pytest.mark.slow
+def test_damaged_checkpoints_and_plots_are_made_again(pairs_recipe, finished, cli, tmp_path):
+    """A cut last.pt (and so checkpoint.pt, its link) cannot be resumed from: run trains the
+    model again beside it instead of failing on every rerun; a report's plots that are gone
+    are drawn again."""
+    workdir, _ = finished
+    work = tmp_path / "work"
+    shutil.copytree(workdir, work)
+    last = work / "train-image" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    plots = work / "report-files"
+    shutil.rmtree(plots, ignore_errors=True)
+    again = cli("run", pairs_recipe, "--workdir", work)
+    assert again.code == 0, again.err
+    assert "[train image] done: trained again (" in again.out
+    assert "last.pt has 1,000 bytes" in again.out
+    assert (work / "train-image" / "metrics.json").is_file()
+    assert plots.is_dir() and any(plots.iterdir())
+    third = cli("run", pairs_recipe, "--workdir", work)
+    assert "nothing to do" in third.out

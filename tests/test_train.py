@@ -396,7 +396,9 @@ def test_a_checkpoint_is_built_from_the_train_state_and_restored_to_it():
             state.scheduler.step()
         val = Metrics(loss=1.0 / epoch, **EMPTY_METRICS)
         state.record(EpochRecord(epoch, 3 * epoch, state.lr, 0.5, 0.5, 4, 1.0, 4.0, val=val))
-    saved = state.to_checkpoint(Recipe(), None, steps_per_epoch=3, world_size=1, shards="x")
+    saved = state.to_checkpoint(
+        Recipe(), None, steps_per_epoch=3, world_size=1, shards="x", starts={}
+    )
 
     torch.manual_seed(1)
     fresh = TrainState.start(
@@ -541,3 +543,20 @@ def test_a_training_whose_loss_turns_nan_stops_naming_epoch_and_step(shards, tmp
     assert "no epoch finished, nothing was saved" in error
     assert not (run / "last.pt").exists() and not (run / "checkpoint.pt").exists()
     assert not (run / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_resume_refuses_a_starting_checkpoint_that_changed(shards, tmp_path):
+    """A fusion started from a text branch's checkpoint, resumed after that checkpoint was
+    trained again, would go on from the old branch and be recorded as made from the new one."""
+    text = tmp_path / "text"
+    train(recipe(model="text", epochs=1, workers=0), shards, text, progress=False)
+    fusion = recipe(model="fusion", epochs=1, workers=0, init_text=str(text / "checkpoint.pt"))
+    train(fusion, shards, tmp_path / "fusion", progress=False)
+    other = tmp_path / "other"
+    train(recipe(model="text", epochs=1, workers=0, lr=0.01), shards, other, progress=False)
+    (text / "checkpoint.pt").unlink()
+    (text / "checkpoint.pt").write_bytes((other / "checkpoint.pt").read_bytes())
+    longer = recipe(model="fusion", epochs=2, workers=0, init_text=str(text / "checkpoint.pt"))
+    with pytest.raises(ConfigError, match=r"train\.init_text .* is not the checkpoint it started"):
+        train(longer, shards, tmp_path / "fusion", resume=True, progress=False)

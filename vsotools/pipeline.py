@@ -145,8 +145,32 @@ class WorkFolder:
         self.trainings = {model: self.root / f"train-{model}" for model in _training_order(recipe)}
 
     def report_files(self) -> list[str]:
-        """The report pages a finished run leaves, relative to the work folder."""
-        return [REPORT_FILE, *(f"{run.name}/{REPORT_FILE}" for run in self.trainings.values())]
+        """The report pages a finished run leaves and their plots (``report-files/``),
+        relative to the work folder."""
+        pages = [self.report, *(run / REPORT_FILE for run in self.trainings.values())]
+        names = []
+        for page in pages:
+            names.append(page.relative_to(self.root).as_posix())
+            plots = page.with_name(f"{page.stem}-files")
+            if plots.is_dir():
+                names += sorted(p.relative_to(self.root).as_posix() for p in plots.iterdir())
+        return names
+
+    def made_from(self) -> dict[str, str | None]:
+        """What each output was made from, as its last record holds it (read, not recomputed:
+        the stages that just wrote them have checked their inputs)."""
+        from vsotools.dataset.folder import DatasetFolder
+        from vsotools.shards.manifest import read_manifest
+
+        data = DatasetFolder(self.data)
+        made = {
+            stage: (data.read_report(stage) or {}).get("fingerprint")
+            for stage in ("fetch", "filter")
+        }
+        made["shard"] = read_manifest(str(self.shards)).fingerprint
+        for model, run in self.trainings.items():
+            made[f"train {model}"] = (TrainingFolder(run).read_final() or {}).get("fingerprint")
+        return made
 
     def read_record(self) -> dict[str, Any] | None:
         try:
@@ -171,14 +195,14 @@ class WorkFolder:
             return Status(UNFINISHED, "; ".join(problems), record)
         return Status(CURRENT, "every output is complete and current", record)
 
-    def finish(self, plan: list[PlannedStage], results: dict[str, Metrics]) -> None:
+    def finish(self, results: dict[str, Metrics]) -> None:
         """Record the finished run, last: its results, what its outputs were made from, and
-        the report pages."""
+        the report pages with their plots."""
         atomic_write_json(
             self.record,
             {
                 "results": {model: m.to_json() for model, m in results.items()},
-                "made_from": _made_from(plan),
+                "made_from": self.made_from(),
                 FILES: listed_files(self.root, self.report_files()),
             },
         )
@@ -339,7 +363,7 @@ def run_recipe(
         write_report(
             run_dir / REPORT_FILE, {model: run_dir}, facts=facts, title=f"{title}, {model}"
         )
-    work.finish(plan(recipe, work), outcome.results)
+    work.finish(outcome.results)
     done("report", True, str(outcome.report))
     outcome.seconds = round(time.monotonic() - started, 1)
     return outcome
@@ -367,8 +391,9 @@ def _train_model(
     finished and current; finish or repair it when it is unfinished; train it again beside
     the old one when it is stale (or cannot be finished), replacing the old one once the new
     one has finished. Returns whether it trained, and what happened."""
+    from vsotools.training.checkpoint import CheckpointError
     from vsotools.training.folder import training_inputs
-    from vsotools.training.train import train
+    from vsotools.training.train import ResumeMismatch, train
 
     model_recipe = _model_recipe(recipe, model, work.trainings)
     folder = TrainingFolder(work.trainings[model])
@@ -376,8 +401,10 @@ def _train_model(
     inputs = training_inputs(model_recipe, shards_fingerprint)
     status = folder.status(inputs)
     if status.current:
+        shutil.rmtree(folder.replacement().root, ignore_errors=True)  # a replacement not needed
         return False, f"{folder} is finished and current"
     if status.state in (MISSING, UNFINISHED):
+        shutil.rmtree(folder.replacement().root, ignore_errors=True)  # a replacement not needed
         try:
             result = train(
                 model_recipe, work.shards, folder.root, resume=status.state == UNFINISHED,
@@ -385,9 +412,9 @@ def _train_model(
             )  # fmt: skip
             how = "finished" if status.state == UNFINISHED else "trained"
             return True, f"{how}: {result.epochs} epochs, selected epoch {result.selected_epoch}"
-        except (ConfigError, TrainingFolderError) as exc:
-            # An unfinished training of other settings or shards, or one whose selected model
-            # is gone: made again, as a stale one is.
+        except (ResumeMismatch, TrainingFolderError, CheckpointError) as exc:
+            # An unfinished training of other settings, shards or starting checkpoints, or one
+            # whose checkpoints are gone or damaged: made again, as a stale one is.
             why = str(exc)
     else:
         why = status.why
@@ -396,14 +423,15 @@ def _train_model(
     found = replacement.status(inputs).state
     if found != CURRENT:  # else an interrupted run finished it and stopped before the swap
         if found == STALE:
-            shutil.rmtree(replacement.root)
+            shutil.rmtree(replacement.root, ignore_errors=True)
         try:
             train(
                 model_recipe, work.shards, replacement.root, resume=found == UNFINISHED,
                 progress=progress,
             )  # fmt: skip
-        except (ConfigError, TrainingFolderError):  # begun from other inputs: start afresh
-            shutil.rmtree(replacement.root)
+        except (ResumeMismatch, TrainingFolderError, CheckpointError):
+            # What RUN.next holds was begun from other inputs, or is damaged: start afresh.
+            shutil.rmtree(replacement.root, ignore_errors=True)
             train(model_recipe, work.shards, replacement.root, progress=progress)
     folder.replace_with(replacement)
     final = folder.read_final() or {}

@@ -80,12 +80,18 @@ PHOTO_SCHEMA: Final = pa.schema(
         _field("image_bytes", pa.int64(), "size of the image as served, in bytes"),
         _field("width", pa.int32(), "width of the image as served, in pixels"),
         _field("height", pa.int32(), "height of the image as served, in pixels"),
+        _field(
+            "stored_bytes",
+            pa.int64(),
+            "size of the stored image file, in bytes: image_bytes, unless fetch.max_side"
+            " downscaled it",
+        ),
     ]
 )
 
 
 PHOTO_OUTCOME_FIELDS: Final = tuple(PHOTO_SCHEMA.names[PHOTO_SCHEMA.names.index("image_path") :])
-"""The fields that fetching the image fills in: ``image_path`` to ``height``."""
+"""The fields that fetching the image fills in: ``image_path`` to ``stored_bytes``."""
 PHOTO_SOURCE_FIELDS: Final = tuple(
     name
     for name in PHOTO_SCHEMA.names
@@ -136,6 +142,7 @@ class PhotoRecord(TypedDict):
     image_bytes: int | None
     width: int | None
     height: int | None
+    stored_bytes: int | None
 
 
 # --- filtered records: the output of filter -------------------------------------------------

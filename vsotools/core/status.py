@@ -7,8 +7,10 @@ module answers with a ``Status``:
 
 - ``missing``: nothing of the output is there;
 - ``unfinished``: it was started and not finished, or it was finished but a file its last record
-  lists is gone, of another size, or (where the record keeps a checksum) of other bytes: the
-  stage finishes or repairs it;
+  lists is gone, of another size, or (where that record keeps the file's checksum in its list,
+  as for ``filtered.parquet``) of other bytes: the stage finishes or repairs it. A shard's bytes
+  are checked by ``vsotools verify``, not here: reading a whole set would cost what writing it
+  does;
 - ``stale``: it is complete, but made from other inputs or settings than today's (``why`` says
   which): the stage makes it again;
 - ``current``: complete, and made from exactly today's inputs and settings: nothing to do.

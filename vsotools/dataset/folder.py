@@ -274,6 +274,7 @@ class DatasetFolder:
             return Status(MISSING, f"no {stage} has finished in {self}")
         if report.get(FINGERPRINT) != json_sha256(inputs):
             what = changes(report.get(INPUTS), inputs)
+            what = what or ["recorded otherwise by an earlier vsotools"]
             return Status(STALE, f"made from other inputs ({'; '.join(what[:4])})", report)
         problems = damaged_files(self.root, report.get(FILES))
         if stage == "filter" and FILES not in report and not self.filtered.is_file():
@@ -302,14 +303,17 @@ class DatasetFolder:
         problems = []
         for part in self.metadata_files():
             try:
-                table = pq.read_table(part, columns=["status", "image_path", "image_bytes"])
+                table = pq.read_table(part)
             except (OSError, ValueError) as exc:
                 problems.append(f"{part.relative_to(self.root)} is unreadable ({exc})")
                 continue
-            columns = table.to_pydict()
+            # The stored file's size; records written before it was kept hold the served size,
+            # which is the stored one unless fetch.max_side downscaled the image.
+            sizes = "stored_bytes" if "stored_bytes" in table.column_names else "image_bytes"
+            columns = table.select(["status", "image_path", sizes]).to_pydict()
             recorded: dict[str, dict[str, int]] = defaultdict(dict)
             for status, path, size in zip(
-                columns["status"], columns["image_path"], columns["image_bytes"], strict=True
+                columns["status"], columns["image_path"], columns[sizes], strict=True
             ):
                 if status == STATUS_OK and path:
                     recorded[path.rpartition("/")[0]][path] = size
@@ -318,7 +322,7 @@ class DatasetFolder:
                 for path, size in images_there.items():
                     if path not in found:
                         problems.append(f"{path} is missing")
-                    elif found[path] != size:
+                    elif size is not None and found[path] != size:
                         problems.append(f"{path} has {found[path]:,} bytes, {size:,} recorded")
         return problems
 

@@ -141,13 +141,24 @@ def _fetch(
     config = recipe.fetch
     anps = [] if pairs is not None else anps_to_search(recipe)
     with Store(folder.root, config.part_size, config.image_store) as store:
+        # What decides the outcome and the stored bytes of a photo already fetched: a rerun
+        # that changed them would leave those photos as they were, under settings they were
+        # not fetched with.
         common = {
             "fetch.part_size": config.part_size,
             "fetch.max_side": config.max_side,
+            "fetch.jpeg_quality": config.jpeg_quality,
+            "fetch.min_side": config.min_side,
+            "fetch.max_pixels": config.max_pixels,
+            "fetch.max_bytes": config.max_bytes,
+            "fetch.allowed_hosts": config.allowed_hosts,
             "fetch.image_store": config.image_store,
         }
         if pairs is not None:
-            store.pin({"source": SOURCE_PAIRS, "pairs": str(pairs), **common})
+            root = str(_image_root(recipe, pairs))
+            store.pin(
+                {"source": SOURCE_PAIRS, "pairs": str(pairs), "fetch.image_root": root, **common}
+            )
         else:
             store.pin({"source": SOURCE_FLICKR, **common, **_search_settings(recipe, anps)})
         # Counted at the start, so that a run killed midway counts too.

@@ -62,8 +62,9 @@ CREATE TABLE IF NOT EXISTS photos (
     record TEXT NOT NULL,          -- JSON: the record's metadata fields
     local_path TEXT,               -- pairs: the image file to copy
     status TEXT, error TEXT, sha256 TEXT, image_bytes INTEGER, width INTEGER, height INTEGER,
-    image_path TEXT
+    image_path TEXT, stored_bytes INTEGER
 );
+CREATE INDEX IF NOT EXISTS photos_by_image_path ON photos (image_path);
 CREATE TABLE IF NOT EXISTS photo_anps (
     id INTEGER PRIMARY KEY,
     photo_id TEXT NOT NULL,
@@ -101,8 +102,8 @@ class SavedImage:
     error: str | None
     """None when the image was kept; else the failure reason."""
     image_path: str | None = None
-    facts: tuple[str, int, int, int] | None = None
-    """sha256, bytes, width and height of the image as served."""
+    facts: Facts | None = None
+    """sha256, bytes, width and height of the image as served; the bytes of the stored file."""
 
 
 def save_image(
@@ -116,7 +117,7 @@ def save_image(
     assert outcome.width is not None and outcome.height is not None
     name = image_name(photo.seq, photo.photo_id, outcome.ext, part_size)
     images.write(photo.seq, name, outcome.data)
-    facts = (outcome.sha256, outcome.image_bytes, outcome.width, outcome.height)
+    facts = (outcome.sha256, outcome.image_bytes, outcome.width, outcome.height, len(outcome.data))
     return SavedImage(photo.seq, None, name, facts)
 
 
@@ -151,6 +152,9 @@ class Store:
             # fraction of the cost of an fsync per commit; a fetch commits once per image.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(photos)")}
+            if "stored_bytes" not in columns:  # a state written before the column was kept
+                self._db.execute("ALTER TABLE photos ADD COLUMN stored_bytes INTEGER")
         self._made_dirs: set[Path] = set()
         self._next_seq = self._scalar("SELECT COALESCE(MAX(seq) + 1, 0) FROM photos")
 
@@ -362,8 +366,8 @@ class Store:
         match = _INCOMING_NAME.match(named.name)
         assert match is not None, named
         image_path = self.image_path(seq, photo_id, match["ext"])
-        facts = (match["sha"], int(match["bytes"]), int(match["w"]), int(match["h"]))
-        self._commit_outcome(seq, STATUS_OK, None, image_path, facts)
+        served = (match["sha"], int(match["bytes"]), int(match["w"]), int(match["h"]))
+        self._commit_outcome(seq, STATUS_OK, None, image_path, (*served, named.stat().st_size))
         self._store(named, image_path)
 
     def _store(self, named: Path, image_path: str) -> None:
@@ -381,13 +385,8 @@ class Store:
         transaction)."""
         with self._transaction() as db:
             for image in saved:
-                sha, size, width, height = image.facts or (None, None, None, None)
                 status = STATUS_OK if image.error is None else STATUS_FAILED
-                db.execute(
-                    "UPDATE photos SET status = ?, error = ?, sha256 = ?, image_bytes = ?,"
-                    " width = ?, height = ?, image_path = ? WHERE seq = ?",
-                    (status, image.error, sha, size, width, height, image.image_path, image.seq),
-                )
+                _set_outcome(db, image.seq, status, image.error, image.image_path, image.facts)
                 self._mark_dirty(db, image.seq)
 
     def _commit_outcome(
@@ -396,15 +395,10 @@ class Store:
         status: str,
         error: str | None,
         image_path: str | None,
-        facts: tuple[str, int, int, int] | None,
+        facts: Facts | None,
     ) -> None:
-        sha, size, width, height = facts or (None, None, None, None)
         with self._transaction() as db:
-            db.execute(
-                "UPDATE photos SET status = ?, error = ?, sha256 = ?, image_bytes = ?, width = ?,"
-                " height = ?, image_path = ? WHERE seq = ?",
-                (status, error, sha, size, width, height, image_path, seq),
-            )
+            _set_outcome(db, seq, status, error, image_path, facts)
             self._mark_dirty(db, seq)
 
     def recover(self) -> int:
@@ -454,7 +448,8 @@ class Store:
                 for seq, image_path in rows:
                     db.execute(
                         "UPDATE photos SET status = NULL, error = NULL, sha256 = NULL,"
-                        " image_bytes = NULL, width = NULL, height = NULL, image_path = NULL"
+                        " image_bytes = NULL, width = NULL, height = NULL, image_path = NULL,"
+                        " stored_bytes = NULL"
                         " WHERE seq = ?",
                         (seq,),
                     )
@@ -494,7 +489,7 @@ class Store:
         with self._lock:
             rows = self._db.execute(
                 "SELECT photo_id, record, status, error, sha256, image_bytes, width, height,"
-                " image_path FROM photos WHERE seq >= ? AND seq < ? ORDER BY seq",
+                " image_path, stored_bytes FROM photos WHERE seq >= ? AND seq < ? ORDER BY seq",
                 (low, high),
             ).fetchall()
             links = self._db.execute(
@@ -506,7 +501,7 @@ class Store:
         for photo_id, anp in links:
             anps.setdefault(photo_id, []).append(anp)
         records = []
-        for photo_id, record, status, error, sha, size, width, height, image_path in rows:
+        for photo_id, record, status, error, sha, size, width, height, image_path, stored in rows:
             if status is None:
                 raise StateError(f"{self.root}: photo {photo_id} has no outcome yet")
             records.append(
@@ -521,6 +516,7 @@ class Store:
                     "width": width,
                     "height": height,
                     "image_path": image_path,
+                    "stored_bytes": stored,
                 }
             )
         return records
@@ -550,6 +546,27 @@ class Store:
             calls=calls,
             anps_done=anps_done,
         )
+
+
+Facts = tuple[str, int, int, int, int]
+"""What the state records of a kept image: its sha256, bytes, width and height as served, and
+the bytes of the stored file (fewer where ``fetch.max_side`` downscaled it)."""
+
+
+def _set_outcome(
+    db: sqlite3.Connection,
+    seq: int,
+    status: str,
+    error: str | None,
+    image_path: str | None,
+    facts: Facts | None,
+) -> None:
+    sha, size, width, height, stored = facts or (None, None, None, None, None)
+    db.execute(
+        "UPDATE photos SET status = ?, error = ?, sha256 = ?, image_bytes = ?, width = ?,"
+        " height = ?, image_path = ?, stored_bytes = ? WHERE seq = ?",
+        (status, error, sha, size, width, height, image_path, stored, seq),
+    )
 
 
 def _record(fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -250,13 +250,16 @@ def status(location: Location, build: dict[str, Any]) -> Status:
             names = tuple(problem.split(" ", 1)[0] for problem in problems)
             return Status(UNFINISHED, f"{'; '.join(problems[:3])}{more}", manifest, names)
         return Status(CURRENT, "complete and current", manifest)
+    damaged = (MANIFEST_NAME,) if unreadable else ()
     if isinstance(job, dict):
         if job.get("fingerprint") != build["fingerprint"]:
             return Status(STALE, _other_build("an unfinished shard set", job, build), job)
         why = unreadable or "a run of this set has not finished"
-        return Status(UNFINISHED, why, job)
+        return Status(UNFINISHED, why, job, damaged)
     if unreadable:
-        raise ShardSetError(f"{location.url_of(MANIFEST_NAME)}: {unreadable}")
+        # Our own last file, damaged, and nothing left to say what it was written from: the
+        # set is written again (its shards, where their markers are this build's, are kept).
+        return Status(UNFINISHED, unreadable, None, damaged)
     return Status(MISSING, f"no shard set at {location}")
 
 

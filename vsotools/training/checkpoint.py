@@ -16,6 +16,8 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so th
     history               one dict per finished epoch (what RUN/metrics.jsonl holds)
     selection             the model-selection state (best score, its epoch, epochs since)
     shards                the fingerprint of the shard set it trained on (absent: unknown)
+    starts                the sha256 of the checkpoints its branches started from (init_text,
+                          init_image; absent: unknown)
 
 A training folder keeps two (``training.folder``): ``last.pt``, the state after the last
 finished epoch (what a resumed training reads), and ``checkpoint.pt``, the selected model (the

@@ -99,6 +99,15 @@ def any_rank(context: Context, flag: torch.Tensor) -> bool:
     return bool(value.item())
 
 
+def min_over_ranks(context: Context, value: int) -> int:
+    """The smallest of every rank's ``value``; every rank gets the same answer."""
+    if not context.distributed:
+        return value
+    tensor = torch.tensor(value, dtype=torch.int64, device=context.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def gather_objects(context: Context, obj: Any) -> list[Any]:
     """``obj`` of every rank, in rank order (picklable objects)."""
     if not context.distributed:

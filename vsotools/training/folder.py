@@ -230,6 +230,7 @@ class TrainingFolder:
             return Status(MISSING, f"no training in {self}")
         if final.get(FINGERPRINT) != json_sha256(inputs):
             what = changes(final.get(INPUTS), inputs)
+            what = what or ["recorded otherwise by an earlier vsotools"]
             return Status(STALE, f"made from other inputs ({'; '.join(what[:4])})", final)
         problems = damaged_files(self.root, final.get(FILES))
         if problems:
@@ -286,4 +287,11 @@ def training_inputs(recipe: Recipe, shards_fingerprint: str) -> dict[str, Any]:
         name: file_sha256(path) if path and Path(path).is_file() else path
         for name, path in (("init_text", config.init_text), ("init_image", config.init_image))
     }
-    return {"train": output_settings(config), "shards": shards_fingerprint, "starts": starts}
+    # The starting checkpoints count by their bytes (``starts``), not by where they lie: a work
+    # folder moved elsewhere holds the same training.
+    settings = {
+        name: value
+        for name, value in output_settings(config).items()
+        if name not in ("init_text", "init_image")
+    }
+    return {"train": settings, "shards": shards_fingerprint, "starts": starts}

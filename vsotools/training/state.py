@@ -128,10 +128,11 @@ class TrainState:
         steps_per_epoch: int,
         world_size: int,
         shards: str,
+        starts: dict[str, Any],
     ) -> dict[str, Any]:
         """The checkpoint of this state (``training.checkpoint`` describes every key):
         ``reader`` is what turns the model's text into token ids, ``shards`` the fingerprint of
-        the shard set it trains on."""
+        the shard set it trains on, ``starts`` the checkpoints its branches started from."""
         return {
             **ckpt.model_entries(recipe, self.model, reader),
             "optimizer": self.optimizer.state_dict(),
@@ -144,6 +145,7 @@ class TrainState:
             "history": [record.to_json() for record in self.history],
             "selection": self.selection.to_json(),
             "shards": shards,
+            "starts": starts,
         }
 
     def restore(self, checkpoint: dict[str, Any], config: TrainConfig) -> None:

@@ -67,6 +67,13 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = ("epochs", "patience")
 """Settings a resumed training may change besides those that shape no output (workers, device,
 precision...): how long it goes on."""
+STARTS = ("init_text", "init_image")
+"""Settings naming the checkpoints the branches start from: compared by their bytes."""
+
+
+class ResumeMismatch(ConfigError):
+    """A training folder holds an unfinished training of other settings, shards or starting
+    checkpoints than those it is asked to resume with."""
 
 
 @dataclass
@@ -113,6 +120,8 @@ class Session:
     steps: int
     """Optimizer steps of an epoch, the same on every rank."""
     features: FrozenFeatures
+    starts: dict[str, Any]
+    """The checkpoints the branches start from, by their sha256 (``training_inputs``)."""
     check: bool
     """Compare what every shard gives with its manifest entry."""
     show: bool
@@ -150,6 +159,7 @@ class Session:
         checkpoint = state.to_checkpoint(
             self.recipe, self.reader, steps_per_epoch=self.steps,
             world_size=self.context.world_size, shards=self.shard_set.fingerprint,
+            starts=self.starts,
         )  # fmt: skip
         ckpt.save_checkpoint(self.folder.last, checkpoint)
         if state.history[-1].selected:
@@ -222,6 +232,9 @@ def set_up(
     device = context.device
 
     # --- the training folder, and the checkpoint to resume ---
+    if resume and context.is_main:
+        _repair_links(folder)
+    distributed.barrier(context)
     resumed = _checkpoint_to_resume(folder, recipe, shard_set, resume)
     if context.is_main:
         folder.root.mkdir(parents=True, exist_ok=True)
@@ -284,6 +297,7 @@ def set_up(
         criterion=criterion,
         steps=steps_per_epoch(n_fit, config.batch_size, context.world_size),
         features=features,
+        starts=training_inputs(recipe, shard_set.fingerprint)["starts"],
         check=check,
         show=show,
     )
@@ -297,7 +311,6 @@ def _checkpoint_to_resume(
         if folder.holds_training():
             raise ExistingOutput(f"{folder} already holds a training", "resume", "elsewhere")
         return None
-    _restore_last(folder)
     if not folder.last.exists():
         log.info("%s has no checkpoint yet: starting from the beginning", folder)
         return None
@@ -312,25 +325,42 @@ def _checkpoint_to_resume(
     saved = ckpt.recipe_of(checkpoint).train
     ours, theirs = output_settings(recipe.train), output_settings(saved)
     for name, value in ours.items():
-        if name not in RESUMABLE_CHANGES and theirs[name] != value:
-            raise ConfigError(
+        if name not in RESUMABLE_CHANGES and name not in STARTS and theirs[name] != value:
+            raise ResumeMismatch(
                 f"resuming {folder}: train.{name} is {value!r} here but {theirs[name]!r} in"
                 f" {folder.last}; resume with the training's recipe ({folder.recipe})"
             )
     trained_on = checkpoint.get("shards")
     if trained_on is not None and trained_on != shard_set.fingerprint:
-        raise ConfigError(
+        raise ResumeMismatch(
             f"resuming {folder}: it trained on the shard set with fingerprint"
             f" {trained_on[:16]}..., but {shard_set.location} has {shard_set.fingerprint[:16]}...;"
             " resume with the shards it started on"
         )
+    # The checkpoints its branches started from count by their bytes, wherever they lie now.
+    started = checkpoint.get("starts")
+    today = training_inputs(recipe, shard_set.fingerprint)["starts"]
+    changed = [name for name in STARTS if (started or {}).get(name) != today[name]]
+    if started is not None and changed:
+        raise ResumeMismatch(
+            f"resuming {folder}: train.{changed[0]} ({getattr(recipe.train, changed[0])}) is not"
+            f" the checkpoint it started from; resume with that one, or train afresh"
+        )
     return checkpoint
 
 
-def _restore_last(folder: TrainingFolder) -> None:
-    """A finished training's ``last.pt`` that is gone is the same file as its ``checkpoint.pt``
-    when the last epoch's model is the one kept: link it back."""
-    if folder.last.exists() or not folder.selected.exists():
+def _repair_links(folder: TrainingFolder) -> None:
+    """Before a resume (rank 0): ``last.pt`` and ``checkpoint.pt`` are one file when the last
+    epoch's model is the one kept. A ``last.pt`` that is gone comes back from ``checkpoint.pt``
+    (a finished training's, whose record says so); a ``checkpoint.pt`` that is gone, or was not
+    yet published when the training was killed, comes back from ``last.pt``."""
+    if folder.last.exists():
+        checkpoint = ckpt.load_checkpoint(folder.last)
+        kept = int((checkpoint.get("selection") or {}).get("epoch", 0))
+        if kept and kept == int(checkpoint["epoch"]):
+            ckpt.publish(folder.last, folder.selected)
+        return
+    if not folder.selected.exists():
         return
     try:
         final = folder.read_final()
@@ -455,7 +485,7 @@ class EpochStats:
     correct: int
     seconds: float
     diverged_at: int | None = None
-    """The first of the epoch's steps whose loss on this rank was NaN or infinite."""
+    """The first of the epoch's steps whose loss was NaN or infinite, on any rank."""
     diverged: bool = False
     """Whether the loss of some rank was NaN or infinite (the epoch then stopped early)."""
 
@@ -524,8 +554,10 @@ def train_one_epoch(
         ):
             break
     bar.close()
-    first_nonfinite = int(diverged_at.item())
-    diverged = distributed.any_rank(session.context, diverged_at >= 0)
+    # The first step at which any rank's loss stopped being a number (steps + 1: none did).
+    mine = int(diverged_at.item())
+    first = distributed.min_over_ranks(session.context, mine if mine >= 0 else steps + 1)
+    diverged = first <= steps
     if done != steps and not diverged:
         raise VsoError(f"the loader gave {done} batches where the epoch has {steps} steps")
     return EpochStats(
@@ -534,7 +566,7 @@ def train_one_epoch(
         loss_sum=loss_sum.item(),
         correct=int(correct.item()),
         seconds=time.perf_counter() - started,
-        diverged_at=first_nonfinite if first_nonfinite >= 0 else None,
+        diverged_at=first if diverged else None,
         diverged=diverged,
     )
 
@@ -559,7 +591,13 @@ def stop_if_diverged(session: Session, state: TrainState, stats: EpochStats) -> 
     """Stop a training whose loss or weights are no longer numbers, before the epoch's model is
     evaluated or saved: the checkpoints of the last good epoch stay as they are (``state``
     still counts the epochs and steps finished before this one)."""
-    weights_finite = all(bool(torch.isfinite(p).all()) for p in state.model.parameters())
+    # Buffers too: a batch norm's running variance can overflow while its weights stay finite,
+    # and evaluate and predict refuse a model with any non-finite tensor.
+    weights_finite = all(
+        bool(torch.isfinite(tensor).all())
+        for tensor in state.model.state_dict().values()
+        if tensor.is_floating_point()
+    )
     if not stats.diverged and weights_finite:
         return
     at = stats.diverged_at
