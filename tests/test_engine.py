@@ -59,3 +59,54 @@ def test_a_ray_engine_without_a_reachable_cluster_is_one_line():
     pytest.importorskip("ray")
     with pytest.raises(EngineError, match=r"cannot reach a Ray cluster at 127\.0\.0\.1:9"):
         open_engine(EngineConfig(kind="ray", ray_address="127.0.0.1:9"))
+
+
+def slow_first(n: int, report) -> int:
+    import time
+
+    time.sleep(1.0 if n == 0 else 0.01)
+    return n
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_results_keep_coming_while_the_next_part_is_not_ready(workers):
+    """Bug: the engine asked its task iterator for the next part inside its wait loop; a crawl,
+    whose parts come as fast as the search finds photos, held every finished part unrecorded
+    until the next part existed."""
+    from vsotools.core.engine import NOT_YET
+
+    seen: list[int] = []
+
+    def tasks():
+        for n in range(3):
+            yield Task(f"part {n}", (n,))
+            while len(seen) <= n:  # the next part exists only once this one is recorded
+                yield NOT_YET
+
+    with open_engine(EngineConfig()) as engine:
+        for _task, result in engine.map(square, tasks(), shared=(0,), workers=workers):
+            seen.append(result)
+    assert sorted(seen) == [0, 1, 4]
+
+
+def test_an_ordered_map_takes_no_more_parts_while_a_slow_first_one_holds_the_rest_back():
+    taken: list[int] = []
+
+    def tasks():
+        for n in range(200):
+            taken.append(n)
+            yield Task(f"part {n}", (n,))
+
+    with open_engine(EngineConfig()) as engine:
+        results = engine.map(slow_first, tasks(), workers=2, ordered=True)
+        _, first = next(results)
+        assert first == 0
+        assert len(taken) <= 2 * 2 + 2, len(taken)
+        assert [r for _, r in results] == list(range(1, 200))
+
+
+def test_ray_address_from_the_environment_is_probed_and_refused_in_one_line(monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+    with pytest.raises(EngineError, match=r"cannot reach a Ray cluster at 127\.0\.0\.1:9"):
+        open_engine(EngineConfig(kind="ray", ray_address=""))

@@ -98,3 +98,30 @@ def test_only_changed_parts_are_rewritten(tmp_path):
         assert store.reset_failed() == 0 and store.write_parts() == 0
         (tmp_path / "metadata" / "part-00001.parquet").unlink()
         assert store.write_parts() == 1
+
+
+def test_a_failed_attempt_removes_a_copy_an_earlier_attempt_left_unrecorded(tmp_path):
+    """On a cluster a part stores its images before the driver records them: a driver killed in
+    between leaves images no record names. When the photo's next attempt fails, the copy goes."""
+    from vsotools.dataset.folder import DatasetFolder, image_name
+    from vsotools.fetch.download import Outcome
+    from vsotools.fetch.store import PendingPhoto, save_image
+
+    images = DatasetFolder(tmp_path).image_store()
+    photo = PendingPhoto(7, "p7", None, "p7.jpg")
+    left = tmp_path / image_name(7, "p7", "jpg", 5)
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"an image a killed run stored")
+    saved = save_image(images, photo, Outcome.failed("missing_file"), part_size=5)
+    assert saved.error == "missing_file" and saved.image_path is None
+    assert not left.exists()
+
+
+def test_the_locations_sent_to_workers_are_absolute(tmp_path, monkeypatch):
+    from vsotools.core.storage import Location
+    from vsotools.dataset.folder import DatasetFolder
+
+    monkeypatch.chdir(tmp_path)
+    assert Location("shards").absolute().local == tmp_path / "shards"
+    assert Location("s3://bucket/x").absolute().url == "s3://bucket/x"
+    assert DatasetFolder("data").image_store().data_dir == tmp_path / "data"

@@ -18,10 +18,13 @@ is the one place that maps such a function over parts; no stage talks to Ray dir
 
 ``Engine.map(function, tasks)`` calls ``function(*shared, *task.args, report)`` for every task
 and yields ``(task, result)`` as parts finish (or in task order with ``ordered``), keeping only
-a few parts in flight per worker, so that the driver's memory does not grow with the input and
-a lazy ``tasks`` iterator is read as room frees up. ``report(n)``, called by the function in its
-worker, moves the driver's progress by ``n`` units of the part (records, images); the driver
-counts each part at most its ``size``, so a retried part is not counted twice.
+a few parts in flight per worker, and with ``ordered`` only as many finished ones waiting for an
+earlier part, so that the driver's memory does not grow with the input. ``tasks`` is read as
+room frees up; an iterator whose next part is not ready yet (a crawl gathering photos) yields
+``NOT_YET``, and the engine goes on collecting results and asks again. ``report(n)``, called by
+the function in its worker, moves the driver's progress by ``n`` units of the part (records,
+images); the driver counts each part at most its ``size``, so a retried part is not counted
+twice. ``shared`` arguments go to each worker once, not with every part.
 
 ``Engine.check_visible(paths)`` is the storage rule: every node must see the files the driver
 sees (a folder every node mounts, or an object store URL); on a cluster it reads each path on
@@ -90,6 +93,12 @@ class Task:
 Report = Callable[[int], object]
 Function = Callable[..., Any]
 
+NOT_YET: Any = object()
+"""What a task iterator yields when no part is ready yet: the engine asks again a moment later."""
+_END = object()
+_IDLE = 0.05
+"""Seconds to wait before asking a task iterator again when no part is ready and none runs."""
+
 
 class Engine:
     """Runs a per-part function over parts; see the module doc."""
@@ -116,8 +125,8 @@ class Engine:
         (in task order with ``ordered``). ``workers`` is the local engine's process count;
         ``progress(n)`` is called on the driver as parts progress."""
         tracker = _Tracker(progress)
-        results = self._run(function, tasks, shared, workers, tracker)
-        yield from (_in_order(results) if ordered else ((t, r) for _, t, r in results))
+        results = _Results(ordered)
+        yield from self._run(function, iter(tasks), shared, workers, tracker, results)
         self._log_nodes()
 
     def check_visible(self, paths: Sequence[str]) -> None:
@@ -136,11 +145,12 @@ class Engine:
     def _run(
         self,
         function: Function,
-        tasks: Iterable[Task],
+        tasks: Iterator[Task],
         shared: tuple[Any, ...],
         workers: int,
         tracker: _Tracker,
-    ) -> Iterator[tuple[int, Task, Any]]:
+        results: _Results,
+    ) -> Iterator[tuple[Task, Any]]:
         raise NotImplementedError
 
     def _log_nodes(self) -> None:
@@ -160,15 +170,48 @@ def open_engine(config: EngineConfig) -> Engine:
     return LocalEngine()
 
 
-def _in_order(results: Iterable[tuple[int, Task, Any]]) -> Iterator[tuple[Task, Any]]:
-    """Results, which arrive in any order, in the order of their task's index."""
-    waiting: dict[int, tuple[Task, Any]] = {}
-    following = 0
-    for index, task, result in results:
-        waiting[index] = (task, result)
-        while following in waiting:
-            yield waiting.pop(following)
-            following += 1
+class _Feed:
+    """The tasks, numbered, taken only while there is room: fewer than ``limit`` parts in
+    flight or finished and waiting for an earlier one."""
+
+    def __init__(self, tasks: Iterator[Task], limit: int) -> None:
+        self._tasks, self.limit = tasks, limit
+        self.exhausted = False
+        self._next = 0
+
+    def take(self, busy: int) -> tuple[int, Task] | None:
+        """The next task and its number; None when there is no room, no task ready yet, or no
+        task left (``exhausted``)."""
+        if self.exhausted or busy >= self.limit:
+            return None
+        task = next(self._tasks, _END)
+        if task is _END:
+            self.exhausted = True
+            return None
+        if task is NOT_YET:
+            return None
+        self._next += 1
+        return self._next - 1, task
+
+
+class _Results:
+    """Finished parts, handed on as they come or, ``ordered``, in task order (the ones that
+    arrive early wait here, and count as room taken)."""
+
+    def __init__(self, ordered: bool) -> None:
+        self.ordered = ordered
+        self.waiting: dict[int, tuple[Task, Any]] = {}
+        self._following = 0
+
+    def add(self, index: int, task: Task, result: Any) -> list[tuple[Task, Any]]:
+        if not self.ordered:
+            return [(task, result)]
+        self.waiting[index] = (task, result)
+        ready = []
+        while self._following in self.waiting:
+            ready.append(self.waiting.pop(self._following))
+            self._following += 1
+        return ready
 
 
 class _Tracker:
@@ -206,53 +249,69 @@ class LocalEngine(Engine):
     def _run(
         self,
         function: Function,
-        tasks: Iterable[Task],
+        tasks: Iterator[Task],
         shared: tuple[Any, ...],
         workers: int,
         tracker: _Tracker,
-    ) -> Iterator[tuple[int, Task, Any]]:
-        tasks = iter(tasks)
-        first = list(_take(tasks, 2))
-        # The tasks are read as room frees up, never all at once: each may carry its input.
-        if workers <= 1 or len(first) <= 1:
-            for index, task in enumerate(itertools.chain(first, tasks)):
-                tracker.start(task)
-                result = function(*shared, *task.args, functools.partial(tracker.add, task.key))
-                tracker.done(task.key)
-                self.nodes["local"] += 1
-                yield index, task, result
-            return
-        yield from self._pool(function, itertools.chain(first, tasks), shared, workers, tracker)
+        results: _Results,
+    ) -> Iterator[tuple[Task, Any]]:
+        if workers > 1:
+            # A pool, unless there is a single task (or none): its start-up would cost more.
+            # The tasks are read as room frees up, never all at once: each may carry its input.
+            first = _peek(tasks, 2)
+            tasks = itertools.chain(first, tasks)
+            if len(first) > 1 or NOT_YET in first:
+                yield from self._pool(function, tasks, shared, workers, tracker, results)
+                return
+        feed = _Feed(tasks, limit=1)
+        while not feed.exhausted:
+            taken = feed.take(len(results.waiting))
+            if taken is None:
+                if not feed.exhausted:
+                    time.sleep(_IDLE)
+                continue
+            index, task = taken
+            tracker.start(task)
+            result = function(*shared, *task.args, functools.partial(tracker.add, task.key))
+            tracker.done(task.key)
+            self.nodes["local"] += 1
+            yield from results.add(index, task, result)
 
     def _pool(
         self,
         function: Function,
-        tasks: Iterable[Task],
+        tasks: Iterator[Task],
         shared: tuple[Any, ...],
         workers: int,
         tracker: _Tracker,
-    ) -> Iterator[tuple[int, Task, Any]]:
+        results: _Results,
+    ) -> Iterator[tuple[Task, Any]]:
         # spawn, not fork: the driver may hold threads (Arrow's pool, s3fs's event loop).
         context = multiprocessing.get_context("spawn")
         reports = context.Queue()
-        todo = enumerate(tasks)
+        feed = _Feed(tasks, limit=_IN_FLIGHT_PER_WORKER * workers)
         pending: dict[Future[Any], tuple[int, Task]] = {}
+        # The function and the shared arguments go to each worker once, when it starts.
         pool = ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_init_worker, initargs=(reports, os.getpid())
+            workers,
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(reports, os.getpid(), function, shared),
         )
 
-        def submit_next() -> None:
-            item = next(todo, None)
-            if item is not None:
-                index, task = item
+        def fill() -> None:
+            while (taken := feed.take(len(pending) + len(results.waiting))) is not None:
+                index, task = taken
                 tracker.start(task)
-                future = pool.submit(_run_in_worker, function, shared, task)
-                pending[future] = (index, task)
+                pending[pool.submit(_run_in_worker, task)] = (index, task)
 
         try:
-            for _ in range(_IN_FLIGHT_PER_WORKER * workers):
-                submit_next()
-            while pending:
+            fill()
+            while pending or not feed.exhausted:
+                if not pending:
+                    time.sleep(_IDLE)
+                    fill()
+                    continue
                 done, _ = wait(list(pending), timeout=0.2, return_when=FIRST_COMPLETED)
                 _drain(reports, tracker)
                 for future in done:
@@ -260,8 +319,8 @@ class LocalEngine(Engine):
                     result = future.result()
                     tracker.done(task.key)
                     self.nodes["local"] += 1
-                    yield index, task, result
-                    submit_next()
+                    yield from results.add(index, task, result)
+                fill()
         except BrokenProcessPool:
             pool.shutdown(wait=False, cancel_futures=True)
             raise EngineError(
@@ -275,20 +334,28 @@ class LocalEngine(Engine):
             pool.shutdown(wait=True)
 
 
-def _take(iterator: Iterator[Task], n: int) -> Iterator[Task]:
-    for _ in range(n):
-        item = next(iterator, None)
-        if item is None:
-            return
-        yield item
+def _peek(iterator: Iterator[Task], n: int) -> list[Task]:
+    """Up to ``n`` items of ``iterator``: fewer when it ends, and none after a ``NOT_YET``
+    (which is kept, as the sign that more tasks are to come)."""
+    items: list[Task] = []
+    while len(items) < n:
+        item = next(iterator, _END)
+        if item is _END:
+            break
+        items.append(item)
+        if item is NOT_YET:
+            break
+    return items
 
 
 _worker_reports: Any = None
+_worker_function: Function | None = None
+_worker_shared: tuple[Any, ...] = ()
 
 
-def _init_worker(reports: Any, parent: int) -> None:
-    global _worker_reports
-    _worker_reports = reports
+def _init_worker(reports: Any, parent: int, function: Function, shared: tuple[Any, ...]) -> None:
+    global _worker_reports, _worker_function, _worker_shared
+    _worker_reports, _worker_function, _worker_shared = reports, function, shared
     # A worker left behind by a killed command leaves only temporary files, which the next
     # run removes; it must not wait for work for ever.
     exit_with_parent(parent)
@@ -311,10 +378,11 @@ class _QueueReport:
         self.pending = 0
 
 
-def _run_in_worker(function: Function, shared: tuple[Any, ...], task: Task) -> Any:
+def _run_in_worker(task: Task) -> Any:
+    assert _worker_function is not None
     report = _QueueReport(task.key)
     try:
-        return function(*shared, *task.args, report)
+        return _worker_function(*_worker_shared, *task.args, report)
     finally:
         report.flush()
 
@@ -344,7 +412,10 @@ class RayEngine(Engine):
         self._owns_connection = not self.ray.is_initialized()
         if self._owns_connection:
             _connect(self.ray, address)
-        self._remote = self.ray.remote(num_cpus=1, max_retries=RETRIES)(_run_on_node)
+        # SPREAD: the parts go to every node, not first to fill the one nearest the driver.
+        self._remote = self.ray.remote(
+            num_cpus=1, max_retries=RETRIES, scheduling_strategy="SPREAD"
+        )(_run_on_node)
         self._probe = self.ray.remote(num_cpus=0, max_retries=RETRIES)(_probe_paths)
 
     def close(self) -> None:
@@ -358,31 +429,32 @@ class RayEngine(Engine):
     def _run(
         self,
         function: Function,
-        tasks: Iterable[Task],
+        tasks: Iterator[Task],
         shared: tuple[Any, ...],
         workers: int,
         tracker: _Tracker,
-    ) -> Iterator[tuple[int, Task, Any]]:
+        results: _Results,
+    ) -> Iterator[tuple[Task, Any]]:
         ray = self.ray
         reporter = self._errors(lambda: _progress_actor(ray).remote())
         shared_refs = tuple(self._errors(lambda: [ray.put(value) for value in shared]))
-        todo = enumerate(tasks)
+        feed = _Feed(tasks, limit=_IN_FLIGHT_PER_WORKER * self.cpus())
         pending: dict[Any, tuple[int, Task]] = {}
-        limit = _IN_FLIGHT_PER_WORKER * self.cpus()
         taking = None
 
-        def submit_next() -> None:
-            item = next(todo, None)
-            if item is not None:
-                index, task = item
+        def fill() -> None:
+            while (taken := feed.take(len(pending) + len(results.waiting))) is not None:
+                index, task = taken
                 tracker.start(task)
-                ref = self._remote.remote(function, shared_refs, task, reporter)
-                pending[ref] = (index, task)
+                pending[self._remote.remote(function, shared_refs, task, reporter)] = (index, task)
 
         try:
-            for _ in range(limit):
-                submit_next()
-            while pending:
+            fill()
+            while pending or not feed.exhausted:
+                if not pending:
+                    time.sleep(_IDLE)
+                    fill()
+                    continue
                 done, _ = self._errors(
                     lambda: ray.wait(list(pending), num_returns=1, timeout=_REPORT_EVERY)
                 )
@@ -392,8 +464,8 @@ class RayEngine(Engine):
                     result, node = self._result(ref, task)
                     tracker.done(task.key)
                     self.nodes[node] += 1
-                    yield index, task, result
-                    submit_next()
+                    yield from results.add(index, task, result)
+                fill()
         except BaseException:
             for ref in pending:
                 self._errors(lambda ref=ref: ray.cancel(ref, force=True))
@@ -417,7 +489,10 @@ class RayEngine(Engine):
                 f" ({first_line(exc)}); run the same command again to continue"
             ) from None
         except ray.exceptions.RayError as exc:
-            raise _cluster_error(self.address, exc) from None
+            # Out of memory, unschedulable, cancelled...: the part failed, not the cluster.
+            raise EngineError(
+                f"part {task.key} failed: {type(exc).__name__}: {first_line(exc)}"
+            ) from None
 
     def _take_reports(self, reporter: Any, taking: Any, tracker: _Tracker) -> Any:
         """Collect the progress the tasks sent; keeps one request to the actor outstanding."""
@@ -473,15 +548,21 @@ class RayEngine(Engine):
 
 
 def _connect(ray: Any, address: str) -> None:
-    """``ray.init`` for ``address``; a bad address is an ``EngineError`` within seconds (Ray
-    itself would wait minutes for a host that does not answer)."""
-    if address not in ("", "auto"):
-        host, _, port = address.removeprefix("ray://").rpartition(":")
+    """``ray.init`` for ``address`` (or, when it is empty or ``auto``, the ``RAY_ADDRESS`` that
+    Ray would follow, as ``ray job submit`` sets it); a bad address is an ``EngineError`` within
+    seconds (Ray itself would wait minutes for a host that does not answer)."""
+    target = address
+    if address in ("", "auto") and os.environ.get("RAY_ADDRESS"):
+        target = os.environ["RAY_ADDRESS"]
+    remote = target not in ("", "auto", "local")
+    if remote:
+        host, _, port = target.removeprefix("ray://").rpartition(":")
         try:
             socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise EngineError(
-                f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); start one with"
+                f"cannot reach a Ray cluster at {target} ({reason}); start one with"
                 " `ray start --head` or set engine.ray_address (--ray-address)"
             ) from None
     outcome: list[BaseException | None] = []
@@ -498,24 +579,31 @@ def _connect(ray: Any, address: str) -> None:
         except BaseException as exc:
             outcome.append(exc)
 
-    if address in ("", "auto"):
+    if not remote:
         # Here ray.init may start a cluster on this machine, whose processes end with the thread
         # that started them: this one, not a helper thread. Ray answers fast for these.
         init()
     else:
         # A port that accepts connections but is no Ray head would hold ray.init for minutes.
-        thread = threading.Thread(target=init, daemon=True)
-        thread.start()
-        thread.join(CONNECT_TIMEOUT)
+        # In a helper thread Ray warns that it sets no SIGTERM handler: nothing for the user.
+        worker_log = logging.getLogger("ray._private.worker")
+        level = worker_log.level
+        worker_log.setLevel(logging.ERROR)
+        try:
+            thread = threading.Thread(target=init, daemon=True)
+            thread.start()
+            thread.join(CONNECT_TIMEOUT)
+        finally:
+            worker_log.setLevel(level)
     if not outcome:
         raise EngineError(
-            f"no Ray cluster answered at {address} within {CONNECT_TIMEOUT:.0f} s; is it the"
+            f"no Ray cluster answered at {target} within {CONNECT_TIMEOUT:.0f} s; is it the"
             " address of a Ray head node (ray start --head prints it), and does this machine"
             " hold the cluster's token (RAY_AUTH_MODE=token, ~/.ray/auth_token)?"
         )
     if outcome[0] is not None:
         raise EngineError(
-            f"cannot connect to a Ray cluster at {address or 'the default address'}:"
+            f"cannot connect to a Ray cluster at {target or 'the default address'}:"
             f" {first_line(outcome[0])}"
         ) from None
 
@@ -587,9 +675,9 @@ def _probe_paths(paths: Sequence[str]) -> list[str]:
 def _fingerprint(path: str) -> str:
     """What a node sees at ``path`` (a local file or an fsspec URL): the sha256 of its first
     mebibyte and its size, or why it cannot be read."""
-    import fsspec
-
     try:
+        import fsspec
+
         with fsspec.open(path, "rb") as fh:
             head = fh.read(1 << 20)
             size = fh.seek(0, os.SEEK_END)

@@ -90,6 +90,11 @@ class Location:
     def __str__(self) -> str:
         return self.url
 
+    def absolute(self) -> Location:
+        """This location with a local path made absolute (worker processes and other nodes may
+        start in another folder); a URL as it is."""
+        return Location(self.local.absolute()) if self.local is not None else self
+
     def url_of(self, name: str) -> str:
         """Full path or URL of ``name``."""
         return str(self.local / name) if self.local is not None else join(self.url, name)

@@ -72,7 +72,8 @@ DROP_REASONS = (
 )
 
 _BATCH_ROWS = 20_000
-"""Records per part: a part is labelled in one worker (a process, or a Ray task)."""
+"""Most records per part (a part is labelled in one worker: a process, or a Ray task); a photo
+record file of fewer records is a part of its own."""
 _PARALLEL_MIN_TEXTS = 5_000
 """Fewer records are labelled in the command's own process."""
 
@@ -288,7 +289,8 @@ def _open_metadata(folder: DatasetFolder) -> ds.Dataset:
 
 
 def _batches(dataset: ds.Dataset) -> Iterator[pa.RecordBatch]:
-    """The dataset's rows in batches, one file at a time.
+    """The dataset's rows in batches, one file at a time: a part of the filter is one photo
+    record file (``fetch.part_size`` records) or ``_BATCH_ROWS`` of a larger one.
 
     Arrow's dataset scanner reads files ahead of the consumer, so its memory grows with the
     input; reading each file's row groups in turn keeps it flat.

@@ -208,7 +208,7 @@ class DatasetFolder:
 
     def image_store(self, url: str = "") -> ImageStore:
         """Where this dataset's images are: this folder, or ``url`` (``fetch.image_store``)."""
-        return ImageStore(self.root, url)
+        return ImageStore(self.root.absolute(), url)
 
     def part_of(self, name: str) -> int | None:
         """The part number of the photo record file ``name`` (relative to the folder), or None

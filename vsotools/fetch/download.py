@@ -63,6 +63,8 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 5
 _CHUNK = 1 << 16
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp"}
+STORED_EXTENSIONS = tuple(sorted(set(_EXTENSIONS.values())))
+"""The extensions a kept image is stored with."""
 _ACCEPTED_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
 # Characters that parsers read differently: urllib.parse ends the host at a backslash (as
 # browsers do) while urllib3 keeps it in the path, so "http://a\\@b/" is host b to one and a to

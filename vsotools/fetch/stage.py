@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from vsotools.core.anps import Anp, label_for_score, read_manifest
 from vsotools.core.config import Recipe
-from vsotools.core.engine import PROBE_PREFIX, Engine, Task, open_engine
+from vsotools.core.engine import NOT_YET, PROBE_PREFIX, Engine, Task, open_engine
 from vsotools.core.errors import ConfigError
 from vsotools.core.files import UnsafeFile, file_sha256
 from vsotools.core.schema import SOURCE_FLICKR, SOURCE_PAIRS
@@ -475,7 +475,16 @@ class _PartDownloads:
                 continue
 
     def _tasks(self) -> Iterator[Task]:
-        while (part := self._parts.get()) is not None:
+        # Parts come as fast as the search finds photos: while none is ready, the engine goes
+        # on recording the parts that finish (NOT_YET), rather than waiting here for the next.
+        while True:
+            try:
+                part = self._parts.get_nowait()
+            except queue.Empty:
+                yield NOT_YET
+                continue
+            if part is None:
+                return
             yield Task(f"photos {part[0].seq}-{part[-1].seq}", (part,), size=len(part))
 
     def _record(self) -> None:
@@ -495,8 +504,16 @@ class _PartDownloads:
         # On an error the parts in flight still finish and are recorded; the next run fetches
         # the rest.
         try:
-            if exc is None and self._part:
-                self._put(self._part)
+            if exc is None:
+                if self._part:
+                    self._put(self._part)
+            else:
+                # Stopped (Ctrl-C, an error): the parts not yet handed out are dropped, to be
+                # fetched by the next run; those in flight finish and are recorded.
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        self._parts.get_nowait()
+                log.info("waiting for the parts in flight to finish and be recorded")
             self._put(None)
         except BaseException:
             if exc is None:

@@ -51,7 +51,7 @@ from vsotools.core.schema import (
     STATUS_OK,
 )
 from vsotools.dataset.folder import IMAGES_DIR, INCOMING_DIR, DatasetFolder, ImageStore, image_name
-from vsotools.fetch.download import Outcome
+from vsotools.fetch.download import STORED_EXTENSIONS, Outcome
 from vsotools.fetch.search import PageSummary
 
 _SCHEMA = """
@@ -111,6 +111,10 @@ def save_image(
 ) -> SavedImage:
     """Store a fetched image in ``images`` (when kept); its outcome as the state records it."""
     if not outcome.ok:
+        # An earlier attempt at this part may have stored the image and been lost before the
+        # driver recorded it (a killed driver, a retried task): no record would name that copy.
+        for ext in STORED_EXTENSIONS:
+            images.remove(image_name(photo.seq, photo.photo_id, ext, part_size))
         return SavedImage(photo.seq, outcome.error)
     assert outcome.data is not None and outcome.ext is not None
     assert outcome.sha256 is not None and outcome.image_bytes is not None

@@ -146,6 +146,7 @@ def _write_shards(
     if previous.state == "complete":
         assert previous.manifest is not None
         log.debug("%s already holds this shard set; nothing to do", location)
+        _remove_temporaries(location)
         return _report(location, previous.manifest, already_complete=True)
     if previous.clear:
         clear_shard_set(location)
@@ -164,7 +165,7 @@ def _write_shards(
 
     job = ShardJob(
         images=images,
-        location=location,
+        location=location.absolute(),  # as every worker must find it, wherever it started
         image_size=config.image_size,
         quality=config.quality,
         fingerprint=build["fingerprint"],
@@ -179,6 +180,8 @@ def _write_shards(
         with open_engine(recipe.engine) as engine:
             _check_visible(engine, job, table, todo)
             written = run_parts(engine, job, table, todo, workers=config.workers, progress=progress)
+    # A worker killed in a part leaves its temporary file; the part's retry wrote another.
+    _remove_temporaries(location)
     results = {result.name: result for result in [*done.values(), *written]}
     ordered_results = [results[part.name] for part in parts]
 
@@ -202,7 +205,7 @@ def _write_shards(
 def image_store(recipe: Recipe, folder: DatasetFolder) -> Path | Location:
     """Where the dataset's images are: the recipe's ``fetch.image_store``, else the folder."""
     store = recipe.fetch.image_store
-    return Location(store) if store else folder.root
+    return Location(store) if store else folder.root.absolute()
 
 
 def _check_visible(engine: Engine, job: ShardJob, table: pa.Table, parts: Sequence[Part]) -> None:
