@@ -13,8 +13,9 @@ is the one place that maps such a function over parts; no stage talks to Ray dir
   (``processes.exit_with_parent``);
 - ``ray``: each part is a Ray core task (one CPU each) on the cluster at ``ray_address``. Ray
   retries a task whose worker process or node died; a part's function is idempotent, so a
-  retried part writes the same bytes. A bad address, a cluster that goes away, and a part that
-  failed for good are one-line ``EngineError`` s.
+  retried part writes the same bytes. A bad address, a cluster that goes away (a head node that
+  stops answering, watched from a helper thread), and a part that failed for good are one-line
+  ``EngineError`` s.
 
 ``Engine.map(function, tasks)`` calls ``function(*shared, *task.args, report)`` for every task
 and yields ``(task, result)`` as parts finish (or in task order with ``ordered``), keeping only
@@ -67,6 +68,11 @@ CONNECT_TIMEOUT = 60.0
 
 RETRIES = 3
 """Times Ray runs a part again after its worker process or node died."""
+
+GCS_RECONNECT_DEFAULT = 60.0
+"""Seconds Ray's driver waits for a head node that stopped answering before it ends the
+process (Ray's ``gcs_rpc_server_reconnect_timeout_s``, set with the environment variable
+``RAY_gcs_rpc_server_reconnect_timeout_s``)."""
 
 PROBE_PREFIX = ".vsotools-probe-"
 """Name prefix of the file a stage writes to its output storage for ``check_visible``."""
@@ -412,6 +418,7 @@ class RayEngine(Engine):
         self._owns_connection = not self.ray.is_initialized()
         if self._owns_connection:
             _connect(self.ray, address)
+        self._watch = _HeadWatch(self._errors(lambda: _head_address(self.ray)))
         # SPREAD: the parts go to every node, not first to fill the one nearest the driver.
         self._remote = self.ray.remote(
             num_cpus=1, max_retries=RETRIES, scheduling_strategy="SPREAD"
@@ -419,6 +426,7 @@ class RayEngine(Engine):
         self._probe = self.ray.remote(num_cpus=0, max_retries=RETRIES)(_probe_paths)
 
     def close(self) -> None:
+        self._watch.stop()
         if self._owns_connection and self.ray.is_initialized():
             self.ray.shutdown()
 
@@ -458,6 +466,8 @@ class RayEngine(Engine):
                 done, _ = self._errors(
                     lambda: ray.wait(list(pending), num_returns=1, timeout=_REPORT_EVERY)
                 )
+                if self._watch.lost is not None:
+                    raise _cluster_error(self.address, self._watch.lost)
                 taking = self._take_reports(reporter, taking, tracker)
                 for ref in done:
                     index, task = pending.pop(ref)
@@ -485,7 +495,8 @@ class RayEngine(Engine):
             raise EngineError(f"part {task.key} failed: {type(cause).__name__}: {detail}") from None
         except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
             raise EngineError(
-                f"part {task.key}: its worker or node died {RETRIES + 1} times"
+                f"part {task.key}: its worker or node died {RETRIES + 1} time"
+                f"{'s' if RETRIES else ''}"
                 f" ({first_line(exc)}); run the same command again to continue"
             ) from None
         except ray.exceptions.RayError as exc:
@@ -613,6 +624,54 @@ def _cluster_error(address: str, exc: BaseException) -> EngineError:
         f"lost the Ray cluster at {address or 'the default address'} ({type(exc).__name__}:"
         f" {first_line(exc)}); run the same command again once it is back to continue"
     )
+
+
+def _head_address(ray: Any) -> tuple[str, int]:
+    """The host and port of the cluster's head (its GCS), which this driver talks to."""
+    host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class _HeadWatch:
+    """Watches the head node in a helper thread: ``lost`` says why once it has not answered
+    for half the time Ray waits before it ends this process with a line of its own
+    (``GCS_RECONNECT_DEFAULT``). A head that comes back sooner (a GCS restarted by its
+    supervisor) is not lost."""
+
+    def __init__(self, head: tuple[str, int], every: float = 1.0) -> None:
+        # Ray spells its settings' variables this way: RAY_ and the setting's own name.
+        waited = os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", "")  # noqa: SIM112
+        try:
+            reconnect = float(waited) if waited.strip() else GCS_RECONNECT_DEFAULT
+        except ValueError:
+            reconnect = GCS_RECONNECT_DEFAULT
+        # Half of Ray's wait: time for this process to let go of the cluster (ray.shutdown
+        # waits seconds for a head that does not answer) before Ray ends it.
+        self.patience = max(every, reconnect / 2)
+        self.head, self.every = head, every
+        self.lost: ConnectionError | None = None
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch, name="vsotools-ray-head", daemon=True).start()
+
+    def _watch(self) -> None:
+        silent_since: float | None = None
+        while not self._stopped.wait(self.every):
+            try:
+                socket.create_connection(self.head, timeout=self.every).close()
+                silent_since = None
+            except OSError as exc:
+                now = time.monotonic()
+                silent_since = now if silent_since is None else silent_since
+                if now - silent_since >= self.patience:
+                    host, port = self.head
+                    self.lost = ConnectionError(
+                        f"its head {host}:{port} has not answered for {now - silent_since:.0f} s"
+                        f" ({exc.strerror or exc})"
+                    )
+                    return
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 def _run_on_node(
