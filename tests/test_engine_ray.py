@@ -1,11 +1,13 @@
 """The Ray engine on a real cluster of two nodes on this machine (``ray.cluster_utils``): fetch
 ``--pairs``, filter and shard give the local engine's outputs byte for byte, with the dataset
 on a folder both nodes see or with images and shards on an S3 server (moto); a worker killed
-in the middle of a part and a driver killed with SIGKILL change nothing in the end; a storage
-only the driver sees, Ray missing and a bad address are one-line errors."""
+in the middle of a part, a third node lost in the middle of a part and a driver killed with
+SIGKILL change nothing in the end; a storage only the driver sees, Ray missing and a bad
+address are one-line errors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -93,7 +95,7 @@ def s3():
 
 
 @pytest.fixture(scope="module")
-def cluster(s3):
+def nodes(s3):
     """A head and a second node, one CPU each; this process is connected to it."""
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
@@ -104,10 +106,16 @@ def cluster(s3):
         nodes.add_node(**node)
         nodes.wait_for_nodes()
         ray.init(address=nodes.address, logging_level=logging.WARNING, log_to_driver=False)
-        yield nodes.address
+        yield nodes
     finally:
         ray.shutdown()
         nodes.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(nodes) -> str:
+    """The address of the cluster of ``nodes``."""
+    return nodes.address
 
 
 def on_ray(pairs: Path, address: str, **changes) -> Recipe:
@@ -233,6 +241,49 @@ def test_a_worker_killed_in_the_middle_of_a_part_is_retried(
         server.latency = 0.0
         killer.join()
     assert killed, "no part was seen running"
+    assert (report.downloaded, report.failed) == (112, 8)
+    assert file_bytes(tmp_path, "metadata/*") == file_bytes(local / "data", "metadata/*")
+    assert file_bytes(tmp_path, "images/**/*") == file_bytes(local / "data", "images/**/*")
+    assert not list((tmp_path / ".incoming").iterdir())
+
+
+def parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        return int(fh.read().rsplit(b")", 1)[1].split()[1])
+
+
+@pytest.mark.slow
+def test_a_node_lost_in_the_middle_of_a_part_is_retried_on_the_others(
+    nodes, cluster, server, pairs, local, tmp_path
+):
+    from ray._private import ray_constants
+
+    third = nodes.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+    nodes.wait_for_nodes()
+    raylet = third.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    lost: list[int] = []
+
+    def lose_the_third_node() -> None:
+        deadline = time.monotonic() + 60
+        while not lost and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if any(parent(pid) == raylet for pid in running_parts()):
+                    time.sleep(0.3)  # into the part: some of its images are fetched and stored
+                    nodes.remove_node(third, allow_graceful=False)  # its raylet and workers
+                    lost.append(raylet)
+            time.sleep(0.05)
+
+    server.latency = 0.05  # 20 images over 2 threads: a part takes half a second
+    killer = threading.Thread(target=lose_the_third_node)
+    killer.start()
+    try:
+        report = fetch(on_ray(pairs, cluster, **{"fetch.download_concurrency": 2}), tmp_path)
+    finally:
+        server.latency = 0.0
+        killer.join()
+        if not lost:
+            nodes.remove_node(third)
+    assert lost, "no part was seen running on the third node"
     assert (report.downloaded, report.failed) == (112, 8)
     assert file_bytes(tmp_path, "metadata/*") == file_bytes(local / "data", "metadata/*")
     assert file_bytes(tmp_path, "images/**/*") == file_bytes(local / "data", "images/**/*")
