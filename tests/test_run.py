@@ -299,6 +299,28 @@ def test_new_images_and_edited_inputs_reach_every_stage(cli, tmp_path):
         fourth = cli("run", recipe, "--workdir", work)
         assert fourth.code == 1, fourth.out
         assert f"{pairs} when its sha256 was" in fourth.err and "has changed since" in fourth.err
+        # Refused before the plan, which would have said that fetch runs again.
+        assert "plan:" not in fourth.out and "[fetch]" not in fourth.out
+
+
+@pytest.mark.slow
+def test_a_fetch_setting_the_dataset_was_started_with_is_refused_before_the_plan(
+    pairs_recipe, finished, cli, tmp_path
+):
+    workdir, _ = finished
+    state = workdir / "data" / "fetch-state.sqlite"
+    before = state.read_bytes()
+    changed = cli("run", pairs_recipe, "--workdir", workdir, "--set", "fetch.max_side=48")
+    assert changed.code == 1, changed.out
+    assert changed.err.splitlines()[-1].startswith(
+        f"vsotools: error: {workdir / 'data'} was started with fetch.max_side = 0, now 48;"
+    )
+    assert "plan:" not in changed.out
+    assert state.read_bytes() == before
+    # A setting that leaves the photos as they are runs the plan as before.
+    same = cli("run", pairs_recipe, "--workdir", workdir, "--set", "fetch.download_retries=1")
+    assert same.code == 0, same.err
+    assert "plan:" in same.out
 
 
 def _samples(shards: Path, split: str | None = None) -> int:

@@ -231,16 +231,22 @@ def _fingerprint(status: Status | None) -> str | None:
 
 def plan(recipe: Recipe, work: WorkFolder) -> list[PlannedStage]:
     """Each stage of ``recipe``'s run in ``work`` with the status of its output now: a stage
-    whose input comes from a stage that is to run is known only once that one has run."""
+    whose input comes from a stage that is to run is known only once that one has run. A
+    dataset folder that fetch would refuse to continue (a pinned setting or the pairs file
+    changed) is refused here, with fetch's own error, before anything is planned."""
     from vsotools.core.storage import Location
     from vsotools.dataset.folder import DatasetFolder
-    from vsotools.fetch.stage import fetch_inputs
+    from vsotools.fetch.stage import fetch_inputs, refusal
     from vsotools.shards.manifest import status as set_status
     from vsotools.shards.stage import set_build
     from vsotools.training.folder import training_inputs
 
     data = DatasetFolder(work.data)
-    steps = [PlannedStage("fetch", data.status("fetch", fetch_inputs(recipe, work.data)))]
+    inputs = fetch_inputs(recipe, work.data)
+    fetched = data.status("fetch", inputs)
+    if not fetched.current and (refused := refusal(recipe, work.data, inputs["pairs"])):
+        raise refused
+    steps = [PlannedStage("fetch", fetched)]
 
     def known() -> bool:
         return not steps[-1].runs

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -42,7 +43,7 @@ from vsotools.fetch.download import Downloader, DownloadSettings, Outcome
 from vsotools.fetch.pairs import PairsError, check_pairs, read_pairs
 from vsotools.fetch.parts import DownloadJob, download_part, fetch_image
 from vsotools.fetch.search import PageSummary, anp_query, search_anp
-from vsotools.fetch.store import PendingPhoto, StateError, Store
+from vsotools.fetch.store import PendingPhoto, StateError, Store, pin_refusal, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,47 @@ def fetch_inputs(recipe: Recipe, out: str | Path) -> dict[str, Any]:
     return DatasetFolder(out).fetch_inputs(recipe, _pairs_sha256(Path(pairs)) if pairs else None)
 
 
+def refusal(recipe: Recipe, out: str | Path, pairs_sha256: str | None) -> StateError | None:
+    """The error ``fetch`` of ``recipe`` would stop with on the dataset folder ``out`` (whose
+    pairs file has ``pairs_sha256``) before fetching anything: a pinned setting changed, a
+    pairs file that changed since it was read. Read without changing the folder, so that a
+    caller (``vsotools run``) refuses before it plans."""
+    folder = DatasetFolder(out)
+    meta = read_meta(folder.state_file)
+    if meta is None:
+        return None
+    pairs = Path(recipe.fetch.pairs) if recipe.fetch.pairs else None
+    loaded = meta.get(PAIRS_SHA256)
+    if pairs is not None and pairs_sha256 is not None and loaded not in (None, pairs_sha256):
+        return _pairs_changed(folder.root, pairs, loaded, pairs_sha256)
+    if "pinned" not in meta:
+        return None
+    anps = [] if pairs is not None else anps_to_search(recipe)
+    return pin_refusal(folder.root, json.loads(meta["pinned"]), _pinned(recipe, pairs, anps))
+
+
+def _pinned(recipe: Recipe, pairs: Path | None, anps: list[Anp]) -> dict[str, Any]:
+    """The settings a dataset folder keeps from its first photo on (``Store.pin``)."""
+    config = recipe.fetch
+    # What decides the outcome and the stored bytes of a photo already fetched: a rerun that
+    # changed them would leave those photos as they were, under settings they were not
+    # fetched with.
+    common = {
+        "fetch.part_size": config.part_size,
+        "fetch.max_side": config.max_side,
+        "fetch.jpeg_quality": config.jpeg_quality,
+        "fetch.min_side": config.min_side,
+        "fetch.max_pixels": config.max_pixels,
+        "fetch.max_bytes": config.max_bytes,
+        "fetch.allowed_hosts": config.allowed_hosts,
+        "fetch.image_store": config.image_store,
+    }
+    if pairs is not None:
+        root = str(_image_root(recipe, pairs))
+        return {"source": SOURCE_PAIRS, "pairs": str(pairs), "fetch.image_root": root, **common}
+    return {"source": SOURCE_FLICKR, **common, **_search_settings(recipe, anps)}
+
+
 def _fetch(
     recipe: Recipe,
     folder: DatasetFolder,
@@ -141,26 +183,7 @@ def _fetch(
     config = recipe.fetch
     anps = [] if pairs is not None else anps_to_search(recipe)
     with Store(folder.root, config.part_size, config.image_store) as store:
-        # What decides the outcome and the stored bytes of a photo already fetched: a rerun
-        # that changed them would leave those photos as they were, under settings they were
-        # not fetched with.
-        common = {
-            "fetch.part_size": config.part_size,
-            "fetch.max_side": config.max_side,
-            "fetch.jpeg_quality": config.jpeg_quality,
-            "fetch.min_side": config.min_side,
-            "fetch.max_pixels": config.max_pixels,
-            "fetch.max_bytes": config.max_bytes,
-            "fetch.allowed_hosts": config.allowed_hosts,
-            "fetch.image_store": config.image_store,
-        }
-        if pairs is not None:
-            root = str(_image_root(recipe, pairs))
-            store.pin(
-                {"source": SOURCE_PAIRS, "pairs": str(pairs), "fetch.image_root": root, **common}
-            )
-        else:
-            store.pin({"source": SOURCE_FLICKR, **common, **_search_settings(recipe, anps)})
+        store.pin(_pinned(recipe, pairs, anps))
         # Counted at the start, so that a run killed midway counts too.
         runs = int(store.meta("runs") or 0) + 1
         store.set_meta("runs", str(runs))
@@ -342,10 +365,7 @@ def _load_pairs(store: Store, path: Path, digest: str) -> None:
     loaded = store.meta(PAIRS_SHA256)
     if loaded is not None:
         if loaded != digest:
-            raise StateError(
-                f"{store.root} was built from {path} when its sha256 was {loaded[:16]}..., but the"
-                f" file has changed since (now {digest[:16]}...); use another dataset folder"
-            )
+            raise _pairs_changed(store.root, path, loaded, digest)
         return
     base = path.parent
 
@@ -365,6 +385,13 @@ def _load_pairs(store: Store, path: Path, digest: str) -> None:
     # even its sha256), so that the same folder takes it once fixed.
     added = store.add_pairs(rows(), meta={PAIRS_SHA256: digest})
     log.info("read %d pairs from %s", added, path)
+
+
+def _pairs_changed(root: Path, path: Path, loaded: str, digest: str) -> StateError:
+    return StateError(
+        f"{root} was built from {path} when its sha256 was {loaded[:16]}..., but the file has"
+        f" changed since (now {digest[:16]}...); use another dataset folder"
+    )
 
 
 def _image_root(recipe: Recipe, pairs: Path | None) -> Path:

@@ -215,14 +215,9 @@ class Store:
         if stored is None or self._is_empty():
             self.set_meta("pinned", json.dumps(dict(settings), sort_keys=True))
             return
-        before = json.loads(stored)
-        for key, value in settings.items():
-            if key in before and before[key] != json.loads(json.dumps(value)):
-                raise StateError(
-                    f"{self.root} was started with {key} = {_short(before[key])}, now"
-                    f" {_short(value)}; rerun with the same settings to continue, or use another"
-                    " dataset folder"
-                )
+        refused = pin_refusal(self.root, json.loads(stored), settings)
+        if refused is not None:
+            raise refused
 
     def _is_empty(self) -> bool:
         with self._lock:
@@ -579,6 +574,36 @@ def _record(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 def _params_key(params: Mapping[str, str]) -> str:
     return json.dumps(dict(params), sort_keys=True)
+
+
+def pin_refusal(
+    root: Path, pinned: Mapping[str, Any], settings: Mapping[str, Any]
+) -> StateError | None:
+    """What ``Store.pin`` refuses: a setting of ``settings`` other than the one ``pinned``."""
+    for key, value in settings.items():
+        if key in pinned and pinned[key] != json.loads(json.dumps(value)):
+            return StateError(
+                f"{root} was started with {key} = {_short(pinned[key])}, now"
+                f" {_short(value)}; rerun with the same settings to continue, or use another"
+                " dataset folder"
+            )
+    return None
+
+
+def read_meta(state_file: Path) -> dict[str, str] | None:
+    """The state's settings and marks, read without changing the file (nor waiting for its
+    writer); None when there is no readable state, or it holds no photo or search yet."""
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{state_file.resolve().as_uri()}?mode=ro", uri=True)
+        ) as db:
+            started = db.execute(
+                "SELECT EXISTS (SELECT 1 FROM photos) OR EXISTS (SELECT 1 FROM calls)"
+            ).fetchone()[0]
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    except (sqlite3.Error, OSError, ValueError):
+        return None
+    return meta if started else None
 
 
 def _short(value: Any) -> str:
