@@ -27,6 +27,7 @@ from conftest import run_vsotools, vsotools_command
 from enginekit import file_bytes, image_server, make_images, write_pairs
 
 from vsotools.core.config import Recipe
+from vsotools.core.engine import EngineError
 from vsotools.dataset.filter import filter_dataset
 from vsotools.fetch.stage import fetch
 from vsotools.shards.stage import write_shards
@@ -283,11 +284,45 @@ def test_a_node_lost_in_the_middle_of_a_part_is_retried_on_the_others(
         killer.join()
         if not lost:
             nodes.remove_node(third)
+        wait_until_the_head_sees_it_gone(third.node_id)
     assert lost, "no part was seen running on the third node"
     assert (report.downloaded, report.failed) == (112, 8)
     assert file_bytes(tmp_path, "metadata/*") == file_bytes(local / "data", "metadata/*")
     assert file_bytes(tmp_path, "images/**/*") == file_bytes(local / "data", "images/**/*")
     assert not list((tmp_path / ".incoming").iterdir())
+
+
+def wait_until_the_head_sees_it_gone(node_id: str) -> None:
+    """The head marks a node dead only after it has missed its health checks for seconds;
+    until then the node is listed as alive (the next test should not meet it)."""
+    import ray
+
+    deadline = time.monotonic() + 90
+    while any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+        assert time.monotonic() < deadline, "the head still lists a removed node as alive"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_node_gone_but_still_listed_is_passed_over_when_storage_is_checked(nodes, cluster, local):
+    from vsotools.core.engine import open_engine
+
+    ray = pytest.importorskip("ray")
+    ghost = nodes.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+    nodes.wait_for_nodes()
+    nodes.remove_node(ghost, allow_graceful=False)
+    try:
+        listed = [n for n in ray.nodes() if n["NodeID"] == ghost.node_id and n["Alive"]]
+        assert listed, "the head noticed the lost node at once: nothing left to test"
+        records = str(local / "data" / "filtered.parquet")
+        with open_engine(on_ray(Path("unused"), cluster).engine) as engine:
+            engine.check_visible([records])  # the two live nodes see it; the lost one is skipped
+            # ... and a live node that does not see a file still stops the stage.
+            fsspec.filesystem("memory").pipe("/nowhere/probe", b"only here")
+            with pytest.raises(EngineError, match="cannot see memory://nowhere/probe"):
+                engine.check_visible(["memory://nowhere/probe"])
+    finally:
+        wait_until_the_head_sees_it_gone(ghost.node_id)
 
 
 def recorded(data: Path) -> int:
@@ -339,8 +374,6 @@ def test_storage_only_this_machine_sees_stops_the_stage_naming_node_and_path(
 ):
     # memory:// lives in this process alone, as a local folder lives on one machine alone.
     settings = Recipe().override({**SETTINGS, "engine.kind": "ray", "engine.ray_address": cluster})
-    from vsotools.core.engine import EngineError
-
     with pytest.raises(EngineError) as caught:
         write_shards(settings, local / "data", "memory://nowhere/shards")
     message = str(caught.value)

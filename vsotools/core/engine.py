@@ -537,16 +537,33 @@ class RayEngine(Engine):
             ).remote(list(paths)): node
             for node in nodes
         }
+        gone = (
+            self.ray.exceptions.TaskUnschedulableError,
+            self.ray.exceptions.NodeDiedError,
+            self.ray.exceptions.WorkerCrashedError,
+        )
         for ref, node in refs.items():
-            seen = self._errors(lambda ref=ref: self.ray.get(ref))
+            where = f"{node.get('NodeManagerAddress')} ({node['NodeID'][:8]})"
+            try:
+                seen = self._errors(lambda ref=ref: self._probe_result(ref, gone))
+            except _NodeGone:
+                # Listed as alive, yet gone (the head notices a lost node only after seconds):
+                # it runs no part, so there is nothing of it to check.
+                log.info("node %s left the cluster before its storage was checked", where)
+                continue
             for path, want, got in zip(paths, expected, seen, strict=True):
                 if got != want:
-                    where = f"{node.get('NodeManagerAddress')} ({node['NodeID'][:8]})"
                     raise EngineError(
                         f"node {where} cannot see {path} as this machine does ({got}): every"
                         " node needs the same storage, a folder every node mounts or an"
                         " object store URL (docs/distributed.md)"
                     )
+
+    def _probe_result(self, ref: Any, gone: tuple[type[BaseException], ...]) -> list[str]:
+        try:
+            return self.ray.get(ref)
+        except gone:
+            raise _NodeGone from None
 
     def _errors(self, call: Callable[[], Any]) -> Any:
         """``call()``, with a cluster that went away as one line."""
@@ -556,6 +573,10 @@ class RayEngine(Engine):
             raise _cluster_error(self.address, exc) from None
         except ConnectionError as exc:
             raise _cluster_error(self.address, exc) from None
+
+
+class _NodeGone(Exception):
+    """A node's probe could not run: the node died after it was listed."""
 
 
 def _connect(ray: Any, address: str) -> None:
