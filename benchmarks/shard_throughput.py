@@ -37,7 +37,10 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageFilter
 
 from vsotools.core import images
+from vsotools.core.config import FetchConfig
 from vsotools.core.schema import FILTERED_SCHEMA, LABEL_NAMES
+
+MAX_PIXELS = FetchConfig().max_pixels
 
 
 def make_image(seed: int) -> bytes:
@@ -97,9 +100,9 @@ def reencode(paths: list[str], size: int, draft: bool) -> float:
     for path in paths:
         data = Path(path).read_bytes()
         if draft:
-            picture = images.load_rgb(data, shorter_side_at_least=size)
+            picture = images.load_rgb(data, shorter_side_at_least=size, max_pixels=MAX_PIXELS)
         else:
-            picture = images.load_rgb(data)
+            picture = images.load_rgb(data, max_pixels=MAX_PIXELS)
         images.encode_jpeg(images.resize_shorter_side(picture, size), 90)
     return time.process_time() - start
 

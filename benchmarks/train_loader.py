@@ -32,9 +32,12 @@ import webdataset as wds
 from PIL import Image
 
 from vsotools.core import images, schema, text
+from vsotools.core.config import FetchConfig
 from vsotools.shards.manifest import MANIFEST_NAME, ShardInfo, ShardManifest, shard_name
 from vsotools.training.loader import SampleDecoder, Shard, ShardStream, make_loader, steps_per_epoch
 from vsotools.training.vocab import Vocabulary, model_tokens
+
+LIMITS = images.ImageLimits.from_config(FetchConfig())
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VSOTOOLS_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -52,7 +55,7 @@ def source_pairs(count: int, seed: int = 0) -> tuple[str, list[tuple[bytes, str,
         for row in rows:
             data = (pairs_file.parent / row["image"]).read_bytes()
             try:
-                images.validate_image(data)
+                images.validate_image(data, LIMITS)
             except images.ImageRejected:
                 continue
             pairs.append((data, row["text"], schema.LABEL_NAMES.index(row["label"])))
@@ -79,7 +82,9 @@ def write_shards(root: Path, pairs, per_shard: int, size: int = 256) -> list[Sha
         chunk = pairs[start : start + per_shard]
         with wds.TarWriter(str(root / name)) as sink:
             for offset, (data, raw_text, label) in enumerate(chunk):
-                image = images.load_rgb(data, shorter_side_at_least=size)
+                image = images.load_rgb(
+                    data, shorter_side_at_least=size, max_pixels=LIMITS.max_pixels
+                )
                 jpeg = images.encode_jpeg(images.resize_shorter_side(image, size), 90)
                 labels[schema.LABEL_NAMES[label]] += 1
                 sink.write(

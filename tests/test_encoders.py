@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO
 
+from vsotools.core.config import FetchConfig
 from vsotools.core.errors import VsoError
 from vsotools.core.extras import MissingExtra, WeightsError, require
 from vsotools.core.images import load_rgb, resize_shorter_side
@@ -85,7 +86,9 @@ def normalised(pixels: torch.Tensor, mean=IMAGE_MEAN, std=IMAGE_STD) -> torch.Te
 def photo_pixels(path: Path) -> torch.Tensor:
     """A photo as the training loader prepares it: RGB, shorter side 256, the centre 224 x 224
     crop, as float pixels ``(3, 224, 224)`` on the 0..255 scale."""
-    image = resize_shorter_side(load_rgb(path.read_bytes()), 256)
+    image = resize_shorter_side(
+        load_rgb(path.read_bytes(), max_pixels=FetchConfig().max_pixels), 256
+    )
     left = (image.width - INPUT_SIZE) // 2
     top = (image.height - INPUT_SIZE) // 2
     crop = image.crop((left, top, left + INPUT_SIZE, top + INPUT_SIZE))

@@ -34,6 +34,7 @@ from shard_inputs import make_dataset, write_filtered
 
 from vsotools.cli import build_parser
 from vsotools.core.config import Recipe, load_recipe, write_recipe
+from vsotools.core.errors import ExistingOutput
 from vsotools.core.schema import (
     LABEL_NAMES,
     SAMPLE_CLASS,
@@ -766,3 +767,29 @@ def test_a_shard_over_maxsize_is_warned_about(cli, tmp_path):
     assert all(info.samples == 1 and info.bytes > 2000 for info in shards)
     for info in shards:
         assert f"{info.name} has {info.bytes:,} bytes, over maxsize 2,000" in result.err
+
+
+def test_shard_bounds_pixels_as_the_recipe_s_fetch_does(tmp_path):
+    """The bound on pixels is the recipe's fetch.max_pixels, as fetch kept the images under (it
+    was a fixed 40 million, so fetch could keep an image that shard then left out), and it is
+    part of what the set is made from."""
+    root = tmp_path / "data"
+    records = make_dataset(root, 20, seed=4, kinds=("jpeg",))
+    pixels = {}
+    for record in records:
+        with Image.open(root / record["image_path"]) as image:
+            pixels[record["photo_id"]] = image.width * image.height
+    bound = sorted(pixels.values())[len(pixels) // 2]
+    settings = {"shard.image_size": 32, "shard.workers": 1, "shard.max_skipped": 1.0}
+    bounded = Recipe().override({**settings, "fetch.max_pixels": bound})
+    report = write_shards(bounded, root, tmp_path / "bounded")
+    over = {photo for photo, n in pixels.items() if n > bound}
+    assert over and {s["photo_id"] for s in report.skipped} == over
+    assert {s["reason"] for s in report.skipped} == {"too_many_pixels"}
+    assert read_manifest(tmp_path / "bounded").skipped == report.skipped
+
+    everything = write_shards(Recipe().override(settings), root, tmp_path / "everything")
+    assert not everything.skipped
+    # Under another bound it is another set: refused over the first, not "already written".
+    with pytest.raises(ExistingOutput, match=f"input.max_image_pixels {bound} there, 40000000 now"):
+        write_shards(Recipe().override(settings), root, tmp_path / "bounded")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
+from vsotools.core.config import FetchConfig
 from vsotools.core.errors import VsoError
 
 # Rejection reasons, recorded in a photo record's ``error`` field.
@@ -42,14 +43,21 @@ class ImageRejected(VsoError):
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Bounds an image must meet to be kept."""
+    """Bounds an image must meet to be kept: the recipe's ``fetch.min_side``, ``max_pixels``
+    and ``max_bytes`` (``from_config``)."""
 
-    min_side: int = 32
+    min_side: int
     """Both width and height at least this many pixels."""
-    max_pixels: int = 40_000_000
+    max_pixels: int
     """Most width x height, checked from the header before any decoding (decompression bombs)."""
-    max_bytes: int = 30_000_000
+    max_bytes: int
     """Most bytes of the encoded file."""
+
+    @classmethod
+    def from_config(cls, config: FetchConfig) -> ImageLimits:
+        return cls(
+            min_side=config.min_side, max_pixels=config.max_pixels, max_bytes=config.max_bytes
+        )
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,7 @@ class PixelBudget:
 
 
 def validate_image(
-    data: bytes, limits: ImageLimits = ImageLimits(), budget: PixelBudget | None = None
+    data: bytes, limits: ImageLimits, budget: PixelBudget | None = None
 ) -> ImageInfo:
     """Check that ``data`` is a whole, decodable image within ``limits``; return its size.
 
@@ -131,12 +139,10 @@ _JPEG_ORIENTATION_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp")
 
 
 def load_rgb(
-    data: bytes,
-    *,
-    shorter_side_at_least: int | None = None,
-    max_pixels: int = ImageLimits.max_pixels,
+    data: bytes, *, max_pixels: int, shorter_side_at_least: int | None = None
 ) -> Image.Image:
-    """Decode ``data`` to an RGB image with EXIF orientation applied.
+    """Decode ``data`` to an RGB image with EXIF orientation applied; one of more than
+    ``max_pixels`` is refused from its header (``ImageRejected``).
 
     With ``shorter_side_at_least``, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8)
     whose shorter side is still at least that many pixels: much cheaper, and no loss for a later
@@ -151,8 +157,8 @@ def fit_jpeg(
     data: bytes,
     size: int,
     *,
-    quality: int = 90,
-    max_pixels: int = ImageLimits.max_pixels,
+    quality: int,
+    max_pixels: int,
     budget: PixelBudget | None = None,
 ) -> bytes:
     """``data`` as a JPEG whose longer side is at most ``size`` pixels (see ``load_rgb`` and

@@ -99,9 +99,7 @@ class DownloadSettings:
             retries=config.download_retries,
             backoff_base=config.backoff_base,
             backoff_max=config.backoff_max,
-            limits=ImageLimits(
-                min_side=config.min_side, max_pixels=config.max_pixels, max_bytes=config.max_bytes
-            ),
+            limits=ImageLimits.from_config(config),
             max_side=config.max_side,
             jpeg_quality=config.jpeg_quality,
             allowed_hosts=(*config.allowed_hosts, *extra_hosts),

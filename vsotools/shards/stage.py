@@ -25,7 +25,13 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vsotools.core.config import Recipe, ShardConfig, output_settings, recipe_to_toml
+from vsotools.core.config import (
+    FetchConfig,
+    Recipe,
+    ShardConfig,
+    output_settings,
+    recipe_to_toml,
+)
 from vsotools.core.engine import PROBE_PREFIX, Engine, open_engine
 from vsotools.core.errors import ExistingOutput
 from vsotools.core.files import file_sha256, folder_lock, json_bytes, json_sha256
@@ -159,7 +165,7 @@ def _write_shards(
     ordered = order_splits(splits, labels, config.seed)
     images = image_store(recipe, folder)
     job_state = previous.job or _new_job_state(
-        build, config, ordered, table, images, location, recipe.fetch.max_bytes
+        build, config, ordered, table, images, location, recipe.fetch
     )
     parts = cut_parts(ordered, job_state["shards"], config.seed)
 
@@ -170,6 +176,7 @@ def _write_shards(
         quality=config.quality,
         fingerprint=build["fingerprint"],
         max_bytes=recipe.fetch.max_bytes,
+        max_pixels=recipe.fetch.max_pixels,
     )
     done = _completed_parts(location, parts, build["fingerprint"])
     todo = [part for part in parts if part.name not in done]
@@ -248,13 +255,14 @@ def set_build(recipe: Recipe, data_dir: str | Path) -> dict[str, Any]:
 
 def _build(recipe: Recipe, folder: DatasetFolder, records: int) -> dict[str, Any]:
     """What the set is written from; its fingerprint tells a resumable run from a foreign one.
-    Besides the shard settings, the most bytes an image may have (``fetch.max_bytes``) shapes
-    the set: a larger image is left out."""
+    Besides the shard settings, the most bytes and pixels an image may have (``fetch.max_bytes``,
+    ``fetch.max_pixels``) shape the set: a larger image is left out."""
     settings = output_settings(recipe.shard)
     source = {
         "filtered_sha256": file_sha256(folder.filtered),
         "records": records,
         "max_image_bytes": recipe.fetch.max_bytes,
+        "max_image_pixels": recipe.fetch.max_pixels,
     }
     fingerprint = json_sha256({"settings": settings, "input": source})
     return {"fingerprint": fingerprint, "settings": settings, "input": source}
@@ -327,12 +335,12 @@ def _new_job_state(
     table: pa.Table,
     images: Path | Location,
     location: Location,
-    max_bytes: int,
+    fetch: FetchConfig,
 ) -> dict[str, Any]:
     """Measure a sample's size, decide each split's shard count, and record it as the job."""
     first_rows = [row for rows in ordered.values() for row in rows][:SIZE_SAMPLE]
     records = table.take(first_rows).to_pylist()
-    mean, std = measure_sample_bytes(records, images, config, max_bytes)
+    mean, std = measure_sample_bytes(records, images, config, fetch)
     per_shard = samples_per_shard(config, mean, std)
     counts = {
         split: shard_count(len(rows), per_shard, config.readers if split == TRAIN else 1)
@@ -347,15 +355,20 @@ def measure_sample_bytes(
     records: Iterable[Mapping[str, Any]],
     images: Path | Location,
     config: ShardConfig,
-    max_bytes: int,
+    fetch: FetchConfig,
 ) -> tuple[float, float]:
-    """Mean and standard deviation of the tar bytes of ``records``' samples (readable ones)."""
+    """Mean and standard deviation of the tar bytes of ``records``' samples (readable ones;
+    images within ``fetch``'s bounds)."""
     sizes = []
     for record in records:
         with contextlib.suppress(Skipped):
-            image = read_image(images, record["image_path"], max_bytes)
+            image = read_image(images, record["image_path"], fetch.max_bytes)
             sample = encode_sample(
-                record, image, image_size=config.image_size, quality=config.quality
+                record,
+                image,
+                image_size=config.image_size,
+                quality=config.quality,
+                max_pixels=fetch.max_pixels,
             )
             sizes.append(tar_bytes(sample))
     if not sizes:

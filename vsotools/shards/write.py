@@ -92,7 +92,7 @@ def _read_stored_image(images: Location, image_path: str, max_bytes: int) -> byt
 
 
 def encode_sample(
-    record: Mapping[str, Any], image: bytes, *, image_size: int, quality: int
+    record: Mapping[str, Any], image: bytes, *, image_size: int, quality: int, max_pixels: int
 ) -> dict[str, bytes]:
     """The shard sample of one filtered record: extension -> bytes (``schema.SAMPLE_*``).
 
@@ -100,7 +100,7 @@ def encode_sample(
     that its shorter side is ``image_size`` and re-encoded; raises ``Skipped`` if it cannot be.
     """
     try:
-        picture = images.load_rgb(image, shorter_side_at_least=image_size)
+        picture = images.load_rgb(image, shorter_side_at_least=image_size, max_pixels=max_pixels)
         jpeg = images.encode_jpeg(images.resize_shorter_side(picture, image_size), quality)
     except images.ImageRejected as exc:
         raise Skipped(exc.reason, str(exc)) from None
@@ -134,6 +134,8 @@ class ShardJob:
     fingerprint: str
     max_bytes: int
     """Largest image file read (the recipe's ``fetch.max_bytes``)."""
+    max_pixels: int
+    """Most pixels of an image decoded (the recipe's ``fetch.max_pixels``)."""
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,11 @@ def write_shard(
                 try:
                     image = read_image(job.images, record["image_path"], job.max_bytes)
                     sample = encode_sample(
-                        record, image, image_size=job.image_size, quality=job.quality
+                        record,
+                        image,
+                        image_size=job.image_size,
+                        quality=job.quality,
+                        max_pixels=job.max_pixels,
                     )
                 except Skipped as exc:
                     skipped.append(_skip_entry(part.split, record, exc))

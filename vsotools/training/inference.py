@@ -171,7 +171,9 @@ def shard_sample(
 def as_shard_jpeg(data: bytes, recipe: Recipe) -> bytes:
     """An image file re-encoded the way ``vsotools shard`` stores it (shorter side, quality)."""
     size = recipe.shard.image_size
-    image = image_rules.load_rgb(data, shorter_side_at_least=size)
+    image = image_rules.load_rgb(
+        data, shorter_side_at_least=size, max_pixels=recipe.fetch.max_pixels
+    )
     return image_rules.encode_jpeg(
         image_rules.resize_shorter_side(image, size), recipe.shard.quality
     )

@@ -48,6 +48,11 @@ from vsotools.training.vocab import PAD
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+SHARD_IMAGE_MAX_PIXELS = 40_000_000
+"""Most pixels of a shard image decoded: ``shard`` writes each image downscaled to its
+``image_size`` (256 pixels on the shorter side by default), so a larger one is a damaged or
+foreign shard, refused from its header before it is decoded (a decompression bomb)."""
 """torchvision's ImageNet normalisation (on the 0..1 scale): the paper's image branch's input."""
 
 
@@ -282,11 +287,13 @@ class SampleDecoder:
         crop = self.crop_size
         if self.gpu_decode:
             # The GPU decoder has no pixel bound of its own: the CPU path's header check applies.
-            with image_rules.open_checked(data, image_rules.ImageLimits.max_pixels) as header:
+            with image_rules.open_checked(data, SHARD_IMAGE_MAX_PIXELS) as header:
                 width, height = header.size
             box = self._box(width, height, rng, scale=min(width, height) / decode_side(crop))
             return {"jpeg": np.frombuffer(data, dtype=np.uint8), "box": box}
-        image = image_rules.load_rgb(data, shorter_side_at_least=decode_side(crop))
+        image = image_rules.load_rgb(
+            data, shorter_side_at_least=decode_side(crop), max_pixels=SHARD_IMAGE_MAX_PIXELS
+        )
         # Shards written for this crop size decode to its decode side exactly (scale 1); from
         # larger images (shards of another image_size, JPEG's DCT scales being powers of two)
         # the crop covers the same share of the image and is resized.
