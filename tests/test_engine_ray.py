@@ -443,3 +443,15 @@ def test_a_bad_address_is_one_line_and_changes_nothing(local, tmp_path):
         assert "ray start --head" in error
     assert file_bytes(data, "[!.]*") | file_bytes(data, "*/**/*") == before
     assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_a_ray_client_driver_watches_the_client_server_it_connected_to(monkeypatch):
+    # Through Ray Client (ray://) the head's GCS may be out of the driver's reach: the server it
+    # connected to is the one that tells whether the cluster is still there.
+    from vsotools.core.engine import _head_address
+
+    assert _head_address(None, "ray://10.0.0.5:10001") == ("10.0.0.5", 10001)
+    assert _head_address(None, "ray://[fd00::5]:10001") == ("fd00::5", 10001)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head.example:10001")
+    assert _head_address(None, "auto") == ("head.example", 10001)
+    assert _head_address(None, "ray://no-port") is None

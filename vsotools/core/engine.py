@@ -418,7 +418,7 @@ class RayEngine(Engine):
         self._owns_connection = not self.ray.is_initialized()
         if self._owns_connection:
             _connect(self.ray, address)
-        self._watch = _HeadWatch(self._errors(lambda: _head_address(self.ray)))
+        self._watch = _HeadWatch(self._errors(lambda: _head_address(self.ray, address)))
         # SPREAD: the parts go to every node, not first to fill the one nearest the driver.
         self._remote = self.ray.remote(
             num_cpus=1, max_retries=RETRIES, scheduling_strategy="SPREAD"
@@ -583,9 +583,7 @@ def _connect(ray: Any, address: str) -> None:
     """``ray.init`` for ``address`` (or, when it is empty or ``auto``, the ``RAY_ADDRESS`` that
     Ray would follow, as ``ray job submit`` sets it); a bad address is an ``EngineError`` within
     seconds (Ray itself would wait minutes for a host that does not answer)."""
-    target = address
-    if address in ("", "auto") and os.environ.get("RAY_ADDRESS"):
-        target = os.environ["RAY_ADDRESS"]
+    target = _target(address)
     remote = target not in ("", "auto", "local")
     if remote:
         host, _, port = target.removeprefix("ray://").rpartition(":")
@@ -647,10 +645,27 @@ def _cluster_error(address: str, exc: BaseException) -> EngineError:
     )
 
 
-def _head_address(ray: Any) -> tuple[str, int]:
-    """The host and port of the cluster's head (its GCS), which this driver talks to."""
-    host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
-    return host.strip("[]"), int(port)
+def _target(address: str) -> str:
+    """The address Ray connects to for ``address``: ``RAY_ADDRESS`` for an empty one or
+    ``auto``, as Ray itself follows it."""
+    if address in ("", "auto") and os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    return address
+
+
+def _head_address(ray: Any, address: str) -> tuple[str, int] | None:
+    """The host and port this driver talks to the cluster through: its head's GCS, or the Ray
+    Client server of a ``ray://`` address (the GCS may be out of a client's reach); None when
+    Ray does not say."""
+    target = _target(address)
+    try:
+        if target.startswith("ray://"):
+            host, _, port = target.removeprefix("ray://").rpartition(":")
+        else:
+            host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+        return host.strip("[]"), int(port)
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 class _HeadWatch:
@@ -659,7 +674,7 @@ class _HeadWatch:
     (``GCS_RECONNECT_DEFAULT``). A head that comes back sooner (a GCS restarted by its
     supervisor) is not lost."""
 
-    def __init__(self, head: tuple[str, int], every: float = 1.0) -> None:
+    def __init__(self, head: tuple[str, int] | None, every: float = 1.0) -> None:
         # Ray spells its settings' variables this way: RAY_ and the setting's own name.
         waited = os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", "")  # noqa: SIM112
         try:
@@ -672,9 +687,11 @@ class _HeadWatch:
         self.head, self.every = head, every
         self.lost: ConnectionError | None = None
         self._stopped = threading.Event()
-        threading.Thread(target=self._watch, name="vsotools-ray-head", daemon=True).start()
+        if head is not None:
+            threading.Thread(target=self._watch, name="vsotools-ray-head", daemon=True).start()
 
     def _watch(self) -> None:
+        assert self.head is not None
         silent_since: float | None = None
         while not self._stopped.wait(self.every):
             try:
