@@ -159,6 +159,41 @@ class Engine:
     ) -> Iterator[tuple[Task, Any]]:
         raise NotImplementedError
 
+    def _drive(
+        self,
+        feed: _Feed,
+        pending: dict[Any, tuple[int, Task]],
+        tracker: _Tracker,
+        results: _Results,
+        *,
+        submit: Callable[[Task], Any],
+        finished: Callable[[list[Any]], Iterable[Any]],
+        collect: Callable[[Any, Task], tuple[Any, str]],
+    ) -> Iterator[tuple[Task, Any]]:
+        """The loop of a pool of workers: ``submit`` tasks while the feed has room, wait until
+        some of the ``pending`` handles are ``finished``, ``collect`` each one's result and
+        node, and hand the results on. ``pending`` is the caller's, to cancel on an error."""
+
+        def fill() -> None:
+            while (taken := feed.take(len(pending) + len(results.waiting))) is not None:
+                index, task = taken
+                tracker.start(task)
+                pending[submit(task)] = (index, task)
+
+        fill()
+        while pending or not feed.exhausted:
+            if not pending:
+                time.sleep(_IDLE)
+                fill()
+                continue
+            for handle in finished(list(pending)):
+                index, task = pending.pop(handle)
+                result, node = collect(handle, task)
+                tracker.done(task.key)
+                self.nodes[node] += 1
+                yield from results.add(index, task, result)
+            fill()
+
     def _log_nodes(self) -> None:
         if self.distributed and self.nodes:
             log.info(
@@ -305,28 +340,21 @@ class LocalEngine(Engine):
             initargs=(reports, os.getpid(), function, shared),
         )
 
-        def fill() -> None:
-            while (taken := feed.take(len(pending) + len(results.waiting))) is not None:
-                index, task = taken
-                tracker.start(task)
-                pending[pool.submit(_run_in_worker, task)] = (index, task)
+        def finished(futures: list[Future[Any]]) -> Iterable[Future[Any]]:
+            done, _ = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
+            _drain(reports, tracker)
+            return done
 
         try:
-            fill()
-            while pending or not feed.exhausted:
-                if not pending:
-                    time.sleep(_IDLE)
-                    fill()
-                    continue
-                done, _ = wait(list(pending), timeout=0.2, return_when=FIRST_COMPLETED)
-                _drain(reports, tracker)
-                for future in done:
-                    index, task = pending.pop(future)
-                    result = future.result()
-                    tracker.done(task.key)
-                    self.nodes["local"] += 1
-                    yield from results.add(index, task, result)
-                fill()
+            yield from self._drive(
+                feed,
+                pending,
+                tracker,
+                results,
+                submit=lambda task: pool.submit(_run_in_worker, task),
+                finished=finished,
+                collect=lambda future, task: (future.result(), "local"),
+            )
         except BrokenProcessPool:
             pool.shutdown(wait=False, cancel_futures=True)
             raise EngineError(
@@ -450,32 +478,24 @@ class RayEngine(Engine):
         pending: dict[Any, tuple[int, Task]] = {}
         taking = None
 
-        def fill() -> None:
-            while (taken := feed.take(len(pending) + len(results.waiting))) is not None:
-                index, task = taken
-                tracker.start(task)
-                pending[self._remote.remote(function, shared_refs, task, reporter)] = (index, task)
+        def finished(refs: list[Any]) -> Iterable[Any]:
+            nonlocal taking
+            done, _ = self._errors(lambda: ray.wait(refs, num_returns=1, timeout=_REPORT_EVERY))
+            if self._watch.lost is not None:
+                raise _cluster_error(self.address, self._watch.lost)
+            taking = self._take_reports(reporter, taking, tracker)
+            return done
 
         try:
-            fill()
-            while pending or not feed.exhausted:
-                if not pending:
-                    time.sleep(_IDLE)
-                    fill()
-                    continue
-                done, _ = self._errors(
-                    lambda: ray.wait(list(pending), num_returns=1, timeout=_REPORT_EVERY)
-                )
-                if self._watch.lost is not None:
-                    raise _cluster_error(self.address, self._watch.lost)
-                taking = self._take_reports(reporter, taking, tracker)
-                for ref in done:
-                    index, task = pending.pop(ref)
-                    result, node = self._result(ref, task)
-                    tracker.done(task.key)
-                    self.nodes[node] += 1
-                    yield from results.add(index, task, result)
-                fill()
+            yield from self._drive(
+                feed,
+                pending,
+                tracker,
+                results,
+                submit=lambda task: self._remote.remote(function, shared_refs, task, reporter),
+                finished=finished,
+                collect=self._result,
+            )
         except BaseException:
             for ref in pending:
                 self._errors(lambda ref=ref: ray.cancel(ref, force=True))
