@@ -7,6 +7,7 @@ relative to the file's folder, or an ``http(s)`` URL. Other columns are ignored.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from vsotools.core.errors import VsoError
-from vsotools.core.files import UnsafeFile, open_regular_file
+from vsotools.core.files import UnsafeFile, file_sha256, open_regular_file
 from vsotools.core.schema import GIVEN_LABELS
 
 PAIRS_COLUMNS = ("id", "text", "label", "image")
@@ -86,16 +87,29 @@ def _pairs(path: Path, columns: tuple[str, ...]) -> Iterator[Pair | BadRow]:
         raise PairsError(
             f"{path}: unknown pairs format {path.suffix!r} (use .jsonl, .csv or .parquet)"
         )
-    try:
+    with _reading(path):
         source = open_regular_file(path)
+    with source:
+        yield from _checked_pairs(path, kind, source, columns)
+
+
+def pairs_digest(path: Path) -> str:
+    """The sha256 of the pairs file at ``path`` (``PairsError`` where it cannot be read)."""
+    with _reading(path):
+        return file_sha256(path)
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A pairs file that cannot be opened or read, as one ``PairsError`` line."""
+    try:
+        yield
     except FileNotFoundError:
         raise PairsError(f"{path}: no such file") from None
     except UnsafeFile as exc:
         raise PairsError(f"the pairs file {exc.detail}") from None
     except OSError as exc:
         raise PairsError(f"{path}: cannot read the pairs file ({exc.strerror})") from None
-    with source:
-        yield from _checked_pairs(path, kind, source, columns)
 
 
 def _checked_pairs(

@@ -35,12 +35,11 @@ from vsotools.core.anps import Anp, label_for_score, read_manifest
 from vsotools.core.config import Recipe
 from vsotools.core.engine import NOT_YET, PROBE_PREFIX, Engine, Task, open_engine
 from vsotools.core.errors import ConfigError
-from vsotools.core.files import UnsafeFile, file_sha256
 from vsotools.core.schema import SOURCE_FLICKR, SOURCE_PAIRS
 from vsotools.dataset.folder import DatasetFolder, StageReport
 from vsotools.fetch.client import Credentials, FlickrClient, FoundPhoto
 from vsotools.fetch.download import Downloader, DownloadSettings, Outcome
-from vsotools.fetch.pairs import PairsError, check_pairs, read_pairs
+from vsotools.fetch.pairs import check_pairs, pairs_digest, read_pairs
 from vsotools.fetch.parts import DownloadJob, download_part, fetch_image
 from vsotools.fetch.search import PageSummary, anp_query, search_anp
 from vsotools.fetch.store import PendingPhoto, StateError, Store, pin_refusal, read_meta
@@ -105,7 +104,7 @@ def fetch(
         # once fixed.
         check_pairs(pairs)
     with folder.lock():
-        pairs_sha256 = None if pairs is None else _pairs_sha256(pairs)
+        pairs_sha256 = None if pairs is None else pairs_digest(pairs)
         inputs = folder.fetch_inputs(recipe, pairs_sha256)
         status = folder.status("fetch", inputs)
         if status.current and not retry_failed:
@@ -125,7 +124,7 @@ def fetch_inputs(recipe: Recipe, out: str | Path) -> dict[str, Any]:
     """What the fetch of ``recipe`` into ``out`` is made from (``DatasetFolder.fetch_inputs``),
     for a caller that asks whether that output is current before running the stage."""
     pairs = recipe.fetch.pairs
-    return DatasetFolder(out).fetch_inputs(recipe, _pairs_sha256(Path(pairs)) if pairs else None)
+    return DatasetFolder(out).fetch_inputs(recipe, pairs_digest(Path(pairs)) if pairs else None)
 
 
 def refusal(recipe: Recipe, out: str | Path, pairs_sha256: str | None) -> StateError | None:
@@ -399,17 +398,6 @@ def _image_root(recipe: Recipe, pairs: Path | None) -> Path:
     if recipe.fetch.image_root:
         return Path(recipe.fetch.image_root)
     return pairs.parent if pairs is not None else Path.cwd()
-
-
-def _pairs_sha256(path: Path) -> str:
-    try:
-        return file_sha256(path)
-    except FileNotFoundError:
-        raise PairsError(f"{path}: no such file") from None
-    except UnsafeFile as exc:
-        raise PairsError(f"the pairs file {exc.detail}") from None
-    except OSError as exc:
-        raise PairsError(f"{path}: cannot read the pairs file ({exc.strerror})") from None
 
 
 # --- downloads and progress -----------------------------------------------------------------
