@@ -223,29 +223,43 @@ def test_a_worker_killed_in_the_middle_of_a_part_is_retried(
 ):
     killed: list[int] = []
 
-    def kill_one_worker() -> None:
+    def kill_one_worker() -> bool:
+        workers = running_parts()
+        if workers:
+            time.sleep(0.3)  # into the part: some of its images are fetched and stored
+            os.kill(workers[0], signal.SIGKILL)
+            killed.append(workers[0])
+        return bool(workers)
+
+    report = fetch_while(kill_one_worker, server, pairs, cluster, tmp_path)
+    assert killed, "no part was seen running"
+    assert_fetched_as_locally(report, tmp_path, local)
+
+
+def fetch_while(disturb, server, pairs: Path, cluster: str, out: Path):
+    """Fetch ``pairs`` on the cluster with slow images, calling ``disturb()`` in a helper
+    thread until it says it has done its harm (or a minute has passed)."""
+
+    def keep_trying() -> None:
         deadline = time.monotonic() + 60
-        while not killed and time.monotonic() < deadline:
-            workers = running_parts()
-            if workers:
-                time.sleep(0.3)  # into the part: some of its images are fetched and stored
-                os.kill(workers[0], signal.SIGKILL)
-                killed.append(workers[0])
+        while time.monotonic() < deadline and not disturb():
             time.sleep(0.05)
 
     server.latency = 0.05  # 20 images over 2 threads: a part takes half a second
-    killer = threading.Thread(target=kill_one_worker)
-    killer.start()
+    helper = threading.Thread(target=keep_trying)
+    helper.start()
     try:
-        report = fetch(on_ray(pairs, cluster, **{"fetch.download_concurrency": 2}), tmp_path)
+        return fetch(on_ray(pairs, cluster, **{"fetch.download_concurrency": 2}), out)
     finally:
         server.latency = 0.0
-        killer.join()
-    assert killed, "no part was seen running"
+        helper.join()
+
+
+def assert_fetched_as_locally(report, data: Path, local: Path) -> None:
     assert (report.downloaded, report.failed) == (112, 8)
-    assert file_bytes(tmp_path, "metadata/*") == file_bytes(local / "data", "metadata/*")
-    assert file_bytes(tmp_path, "images/**/*") == file_bytes(local / "data", "images/**/*")
-    assert not list((tmp_path / ".incoming").iterdir())
+    assert file_bytes(data, "metadata/*") == file_bytes(local / "data", "metadata/*")
+    assert file_bytes(data, "images/**/*") == file_bytes(local / "data", "images/**/*")
+    assert not list((data / ".incoming").iterdir())
 
 
 def parent(pid: int) -> int:
@@ -264,32 +278,22 @@ def test_a_node_lost_in_the_middle_of_a_part_is_retried_on_the_others(
     raylet = third.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
     lost: list[int] = []
 
-    def lose_the_third_node() -> None:
-        deadline = time.monotonic() + 60
-        while not lost and time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                if any(parent(pid) == raylet for pid in running_parts()):
-                    time.sleep(0.3)  # into the part: some of its images are fetched and stored
-                    nodes.remove_node(third, allow_graceful=False)  # its raylet and workers
-                    lost.append(raylet)
-            time.sleep(0.05)
+    def lose_the_third_node() -> bool:
+        with contextlib.suppress(OSError):
+            if any(parent(pid) == raylet for pid in running_parts()):
+                time.sleep(0.3)  # into the part: some of its images are fetched and stored
+                nodes.remove_node(third, allow_graceful=False)  # its raylet and workers
+                lost.append(raylet)
+        return bool(lost)
 
-    server.latency = 0.05  # 20 images over 2 threads: a part takes half a second
-    killer = threading.Thread(target=lose_the_third_node)
-    killer.start()
     try:
-        report = fetch(on_ray(pairs, cluster, **{"fetch.download_concurrency": 2}), tmp_path)
+        report = fetch_while(lose_the_third_node, server, pairs, cluster, tmp_path)
     finally:
-        server.latency = 0.0
-        killer.join()
         if not lost:
             nodes.remove_node(third)
         wait_until_the_head_sees_it_gone(third.node_id)
     assert lost, "no part was seen running on the third node"
-    assert (report.downloaded, report.failed) == (112, 8)
-    assert file_bytes(tmp_path, "metadata/*") == file_bytes(local / "data", "metadata/*")
-    assert file_bytes(tmp_path, "images/**/*") == file_bytes(local / "data", "images/**/*")
-    assert not list((tmp_path / ".incoming").iterdir())
+    assert_fetched_as_locally(report, tmp_path, local)
 
 
 def wait_until_the_head_sees_it_gone(node_id: str) -> None:
