@@ -406,11 +406,11 @@ def _train_model(
     folder.settle()
     inputs = training_inputs(model_recipe, shards_fingerprint)
     status = folder.status(inputs)
+    if status.state != STALE:  # only a stale training is replaced: a replacement left is not needed
+        shutil.rmtree(folder.replacement().root, ignore_errors=True)
     if status.current:
-        shutil.rmtree(folder.replacement().root, ignore_errors=True)  # a replacement not needed
         return False, f"{folder} is finished and current"
     if status.state in (MISSING, UNFINISHED):
-        shutil.rmtree(folder.replacement().root, ignore_errors=True)  # a replacement not needed
         try:
             result = train(
                 model_recipe, work.shards, folder.root, resume=status.state == UNFINISHED,
