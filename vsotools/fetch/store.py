@@ -221,9 +221,7 @@ class Store:
 
     def _is_empty(self) -> bool:
         with self._lock:
-            photos = self._db.execute("SELECT EXISTS (SELECT 1 FROM photos)").fetchone()[0]
-            calls = self._db.execute("SELECT EXISTS (SELECT 1 FROM calls)").fetchone()[0]
-        return not photos and not calls
+            return not self._db.execute(_STARTED).fetchone()[0]
 
     # --- searches -----------------------------------------------------------------------------
 
@@ -547,6 +545,9 @@ class Store:
         )
 
 
+_STARTED = "SELECT EXISTS (SELECT 1 FROM photos) OR EXISTS (SELECT 1 FROM calls)"
+"""Whether a state holds a photo or a search call: from then on its settings are pinned."""
+
 Facts = tuple[str, int, int, int, int]
 """What the state records of a kept image: its sha256, bytes, width and height as served, and
 the bytes of the stored file (fewer where ``fetch.max_side`` downscaled it)."""
@@ -597,9 +598,7 @@ def read_meta(state_file: Path) -> dict[str, str] | None:
         with contextlib.closing(
             sqlite3.connect(f"{state_file.resolve().as_uri()}?mode=ro", uri=True)
         ) as db:
-            started = db.execute(
-                "SELECT EXISTS (SELECT 1 FROM photos) OR EXISTS (SELECT 1 FROM calls)"
-            ).fetchone()[0]
+            started = db.execute(_STARTED).fetchone()[0]
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
     except (sqlite3.Error, OSError, ValueError):
         return None
